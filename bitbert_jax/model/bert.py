@@ -1,0 +1,163 @@
+"""A pure-functional Flax linen BERT with policy-driven quantization and distillation outputs.
+
+Parameter paths mirror Hugging Face's names (see `bitbert_jax.hf`):
+  embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding,
+  embeddings/LayerNorm, encoder/layer_{i}/attention/{query,key,value,output,LayerNorm},
+  encoder/layer_{i}/{intermediate,output,output_LayerNorm}, pooler, classifier.
+"""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bitbert_jax.model.config import BertConfig
+from bitbert_jax.quant.layers import QDense, QEmbed, default_init
+from bitbert_jax.quant.policy import QuantPolicy
+
+
+@flax.struct.dataclass
+class BertOutput:
+  """Shapes: B batch, S sequence, H hidden, N heads, L layers, C labels.
+
+  hidden_states: L+1 arrays [B, S, H], the embedding output first.
+  attention_scores: L arrays [B, N, S, S], q.k / sqrt(d) before the mask and the softmax.
+  logits: [B, C] when the config has a head, else None.
+  """
+  last_hidden_state: jax.Array
+  pooled_output: jax.Array
+  hidden_states: tuple[jax.Array, ...]
+  attention_scores: tuple[jax.Array, ...]
+  logits: jax.Array | None = None
+
+
+def _activation(name):
+  if name == 'relu':
+    return nn.relu
+  return lambda x: nn.gelu(x, approximate=name != 'gelu')  # 'gelu' is the exact erf form
+
+
+def _layer_norm(config, name):
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+  policy: QuantPolicy
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    positions = jnp.arange(input_ids.shape[-1])[None, :]
+    words = QEmbed(cfg.vocab_size, cfg.hidden_size, self.policy, dtype=jnp.float32,
+                   name='word_embeddings')(input_ids)
+    init = nn.with_logical_partitioning(default_init, (None, 'embed'))
+    pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
+                   name='position_embeddings')(positions)
+    types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
+                     name='token_type_embeddings')(token_type_ids)
+    x = _layer_norm(cfg, 'LayerNorm')(words + pos + types)
+    x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+    return x.astype(dtype)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+  policy: QuantPolicy
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    b, s, _ = x.shape
+    dense = lambda name, axes: QDense(cfg.hidden_size, self.policy, axes, dtype, name=name)
+    split_heads = lambda t: t.reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
+    q = split_heads(dense('query', ('embed', 'heads'))(x))
+    k = split_heads(dense('key', ('embed', 'heads'))(x))
+    v = split_heads(dense('value', ('embed', 'heads'))(x))
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(
+        jnp.float32(cfg.head_dim))
+    # Padding keys get the most negative float, as Hugging Face does, so probabilities match.
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores + bias, axis=-1)
+    probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(dtype), v).reshape(b, s, -1)
+    out = dense('output', ('heads', 'embed'))(context)
+    out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+    out = _layer_norm(cfg, 'LayerNorm')(out + x)
+    return out.astype(dtype), scores
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+  policy: QuantPolicy
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+    x, scores = BertAttention(cfg, self.policy, name='attention')(x, mask, deterministic)
+    h = QDense(cfg.intermediate_size, self.policy, ('embed', 'mlp'), dtype, name='intermediate')(x)
+    h = _activation(cfg.hidden_act)(h)
+    h = QDense(cfg.hidden_size, self.policy, ('mlp', 'embed'), dtype, name='output')(h)
+    h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
+    return _layer_norm(cfg, 'output_LayerNorm')(h + x).astype(dtype), scores
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+  policy: QuantPolicy
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    cfg = self.config
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
+    hidden_states, attention_scores = [x], []
+    for i in range(cfg.num_hidden_layers):
+      x, scores = layer_cls(cfg, self.policy, name=f'layer_{i}')(x, mask, deterministic)
+      hidden_states.append(x)
+      attention_scores.append(scores)
+    return tuple(hidden_states), tuple(attention_scores)
+
+
+class BertModel(nn.Module):
+  """BERT encoder, pooler and (when config.num_labels > 0) a classification/regression head.
+
+  __call__(input_ids [B,S] int, attention_mask [B,S] (1 = token, 0 = padding),
+           token_type_ids [B,S] or None, deterministic) -> BertOutput
+  """
+  config: BertConfig
+  policy: QuantPolicy = QuantPolicy()
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+    cfg = self.config
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = BertEmbeddings(cfg, self.policy, name='embeddings')(input_ids, token_type_ids,
+                                                           deterministic)
+    hidden_states, attention_scores = BertEncoder(cfg, self.policy, name='encoder')(
+        x, attention_mask, deterministic)
+    x = hidden_states[-1]
+    pooled = QDense(cfg.hidden_size, self.policy, ('embed', None), jnp.dtype(cfg.dtype),
+                    name='pooler')(x[:, 0])
+    pooled = jnp.tanh(pooled)
+    logits = None
+    if cfg.num_labels:
+      rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
+      h = nn.Dropout(rate)(pooled, deterministic=deterministic)
+      logits = QDense(cfg.num_labels, self.policy, ('embed', None), jnp.float32,
+                      name='classifier')(h).astype(jnp.float32)
+    return BertOutput(last_hidden_state=x, pooled_output=pooled, hidden_states=hidden_states,
+                      attention_scores=attention_scores, logits=logits)
+
+
+def init_params(config, policy=QuantPolicy(), rng=None, seq_len=8):
+  """Random parameters (plain arrays, logical-axis boxes removed) for a config and policy."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  variables = BertModel(config, policy).init(rng, ids)
+  return nn.meta.unbox(variables['params'])
