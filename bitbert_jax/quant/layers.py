@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bitbert_jax.quant import activations
+from bitbert_jax.quant import packed_layers
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.quant.quantizers import quantize_weight
 
@@ -54,6 +55,8 @@ class QDense(nn.Module):
   @nn.compact
   def __call__(self, x):
     path = param_path(self, 'kernel')
+    if self.policy.packed and self.policy.weight_quant(path) is not None:
+      return packed_layers.packed_dense(self, x)
     split = self.policy.is_split(path)
     lead, lead_axes = ((2,), (None,)) if split else ((), ())
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes),
@@ -86,6 +89,8 @@ class QEmbed(nn.Module):
   @nn.compact
   def __call__(self, ids):
     path = param_path(self, 'embedding')
+    if self.policy.packed and self.policy.weight_quant(path) is not None:
+      return packed_layers.packed_embed(self, ids)
     lead, lead_axes = ((2,), (None,)) if self.policy.is_split(path) else ((), ())
     table = self.param('embedding', nn.with_logical_partitioning(default_init, lead_axes + self.axes),
                        lead + (self.num_embeddings, self.features), jnp.float32)
