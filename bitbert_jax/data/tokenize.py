@@ -100,7 +100,7 @@ def encode(dataset: datasets.Dataset, tokenizer: transformers.PreTrainedTokenize
   """
   task = tasks_lib.get_task(task)
   min_len = 2 * len(task.text_fields) + 1
-  if not isinstance(max_length, int) or max_length < min_len:
+  if not isinstance(max_length, (int, np.integer)) or max_length < min_len:
     raise BitbertError(f'max_length={max_length!r} too small for task {task.name!r}: '
                        f'need an int >= {min_len} (room for special tokens)')
   missing = [c for c in (*task.text_fields, 'label') if c not in dataset.column_names]

@@ -1,117 +1,312 @@
 """Fake quantizers: pure functions with a straight-through gradient (`jax.custom_vjp`).
 
-Every quantizer returns a float tensor of quantized values with the input's shape and dtype.
+Every quantizer returns a tensor of quantized values with the input's shape and dtype. Scales,
+thresholds and rounding are computed in float32 whatever the input dtype (a bfloat16 mean or count
+of a few hundred elements is already off by a level), and the result is cast back once.
+
 Groups: the flattened tensor is cut into `num_groups` equal consecutive rows, each with its own
 scale; `num_groups = rows` of an output-major (PyTorch-layout) matrix is one scale per output row.
+A `num_groups` that does not divide the tensor's size is a BitbertError.
 
-sign(0) convention: `sign(0) = +1` everywhere (training, splitting, packing), so that a binary
-weight is always one of two values and packs into exactly one bit.
+sign(0) convention: `sign(0) = +1` (also for -0.0) everywhere: training, splitting and packing,
+so that a binary weight is always one of two values and packs into exactly one bit. (DeepSpeed's
+reference uses torch.sign, which gives 0.) An all-zero group has alpha = 0 and quantizes to zeros.
+
+Rounding is round-half-to-even (jnp.round, like torch.round in the references).
+
+Gradients (the straight-through estimator, STE):
+  * binary, ternary: identity.
+  * uniform (symmetric, asymmetric, symmetric_clip): identity where the clamp to the code range
+    was not active, zero where it was, i.e. g * [lo <= round(x / s) <= hi]. Scales and zero points
+    are treated as constants.
+  * lsq, elastic_binary: see their docstrings (they also return gradients for their scales).
+
+Idempotence (q(q(x)) == q(x)): binary and ternary are idempotent (up to float rounding of the
+mean). The reference uniform forms are not: they divide by 2^b, so the positive extreme is clipped
+by one step and the re-computed range (hence the scale) shrinks. The textbook symmetric form
+(2^b - 1) is not either (its positive extreme is clipped by half a step and its negative extreme
+grows by half a step). The textbook asymmetric form (`reference=False`) is: its extremes land on
+the first and last codes, so the range, scale and zero point are reproduced.
 """
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 from bitbert_jax.errors import BitbertError
 
+UNIFORM_BITS = tuple(range(2, 17))  # symmetric; asymmetric also allows 1
+
 
 def sign(x):
   """sign with sign(0) = +1: the convention shared with the packed format."""
-  return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+  return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+
+
+def _check_groups(shape, num_groups):
+  size = math.prod(shape)
+  if (isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral)
+      or num_groups < 1 or size % num_groups):
+    raise BitbertError(
+        f'num_groups={num_groups!r} does not divide a tensor of shape {tuple(shape)} '
+        f'(size {size}); use a positive divisor of {size}, e.g. 1 (one scale per tensor) '
+        f'or {shape[0] if shape else 1} (one per row).')
+  return int(num_groups)
+
+
+def _check_bits(bits, valid, what):
+  if isinstance(bits, bool) or bits not in valid:
+    raise BitbertError(f'{what}: bits={bits!r} not supported; valid: '
+                       f'{", ".join(map(str, valid))}')
+  return int(bits)
 
 
 def _grouped(x, num_groups):
-  if num_groups < 1 or x.size % num_groups:
-    raise BitbertError(
-        f'num_groups={num_groups} does not divide a tensor of shape {x.shape} '
-        f'(size {x.size}); use a divisor of {x.size}.')
-  return x.reshape(num_groups, -1)
+  """x as float32 [num_groups, size // num_groups]."""
+  return x.reshape(num_groups, -1).astype(jnp.float32)
 
 
-def _safe_div(a, b):
-  return a / jnp.where(b == 0, 1.0, b)
+def _nonzero(v):
+  # Divisor for a scale that may be 0 (an all-zero or constant group): the quotient is then 0.
+  return jnp.where(v == 0, 1.0, v)
 
 
-def _binary_fwd_impl(x, num_groups):
-  g = _grouped(x, num_groups)
-  alpha = jnp.mean(jnp.abs(g), axis=1, keepdims=True)
-  return (alpha * sign(g)).reshape(x.shape)
+def _straight_through(value_and_mask, num_static):
+  """custom_vjp of `value_and_mask(x, *static) -> (value, mask)`: gradient g, or g * mask.
 
+  mask is None (identity) or a bool array of x's shape (True where the gradient passes).
+  """
 
-def _ternary_fwd_impl(x, num_groups):
-  g = _grouped(x, num_groups)
-  absg = jnp.abs(g)
-  delta = 0.7 * jnp.mean(absg, axis=1, keepdims=True)
-  mask = (absg > delta).astype(x.dtype)
-  alpha = _safe_div(jnp.sum(absg * mask, axis=1, keepdims=True),
-                    jnp.sum(mask, axis=1, keepdims=True))
-  return (alpha * sign(g) * mask).reshape(x.shape)
+  @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(1, 1 + num_static)))
+  def quantize(x, *static):
+    return value_and_mask(x, *static)[0]
 
+  def fwd(x, *static):
+    return value_and_mask(x, *static)
 
-def _symmetric_impl(x, bits, num_groups):
-  g = _grouped(x, num_groups)
-  scale = 2.0 * jnp.max(jnp.abs(g), axis=1, keepdims=True) / 2.0**bits
-  lo, hi = -(2.0**(bits - 1)), 2.0**(bits - 1) - 1
-  q = jnp.clip(jnp.round(_safe_div(g, scale)), lo, hi) * scale
-  return q.reshape(x.shape)
-
-
-def _asymmetric_impl(x, bits, num_groups):
-  g = _grouped(x, num_groups)
-  gmin = jnp.min(g, axis=1, keepdims=True)
-  gmax = jnp.max(g, axis=1, keepdims=True)
-  scale = (gmax - gmin) / 2.0**bits
-  zero = jnp.round(_safe_div(gmin, scale)) * scale
-  q = jnp.clip(jnp.round(_safe_div(g - zero, scale)), 0, 2.0**bits - 1) * scale + zero
-  return q.reshape(x.shape)
-
-
-def _straight_through(impl):
-  """Wraps `impl(x, *static)` with an identity gradient with respect to x."""
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(1, 3)))
-  def quantize(x, a=None, b=None):
-    return impl(x, *[v for v in (a, b) if v is not None])
-
-  def fwd(x, a, b):
-    return quantize(x, a, b), None
-
-  def bwd(a, b, _, g):
-    del a, b
-    return (g,)
+  def bwd(*args):
+    mask, g = args[-2:]
+    return (g if mask is None else jnp.where(mask, g, jnp.zeros_like(g)),)
 
   quantize.defvjp(fwd, bwd)
   return quantize
 
 
-_binary = _straight_through(_binary_fwd_impl)
-_ternary = _straight_through(_ternary_fwd_impl)
-_symmetric = _straight_through(_symmetric_impl)
-_asymmetric = _straight_through(_asymmetric_impl)
+def _binary_value(x, num_groups):
+  g = _grouped(x, num_groups)
+  alpha = jnp.mean(jnp.abs(g), axis=1, keepdims=True)
+  return (alpha * sign(g)).reshape(x.shape).astype(x.dtype), None
+
+
+def _ternary_value(x, num_groups):
+  g = _grouped(x, num_groups)
+  absg = jnp.abs(g)
+  delta = 0.7 * jnp.mean(absg, axis=1, keepdims=True)
+  keep = absg > delta
+  count = jnp.sum(keep, axis=1, keepdims=True, dtype=jnp.float32)
+  alpha = jnp.sum(jnp.where(keep, absg, 0.0), axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+  return jnp.where(keep, alpha * sign(g), 0.0).reshape(x.shape).astype(x.dtype), None
+
+
+def _round_clip(g, scale, lo, hi):
+  """(clip(round(g / scale), lo, hi) * scale, [no clamp]) in float32; scale 0 gives 0 codes."""
+  codes = jnp.round(g / _nonzero(scale))
+  return jnp.clip(codes, lo, hi) * scale, (codes >= lo) & (codes <= hi)
+
+
+def _symmetric_value(x, bits, num_groups, reference):
+  g = _grouped(x, num_groups)
+  levels = 2.0**bits if reference else 2.0**bits - 1
+  scale = 2.0 * jnp.max(jnp.abs(g), axis=1, keepdims=True) / levels
+  q, mask = _round_clip(g, scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
+  return q.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
+
+
+def _asymmetric_value(x, bits, num_groups, reference):
+  g = _grouped(x, num_groups)
+  gmin = jnp.min(g, axis=1, keepdims=True)
+  levels = 2.0**bits if reference else 2.0**bits - 1
+  scale = (jnp.max(g, axis=1, keepdims=True) - gmin) / levels
+  zero = jnp.round(gmin / _nonzero(scale)) * scale
+  q, mask = _round_clip(g - zero, scale, 0.0, 2.0**bits - 1)
+  # A constant group (scale 0) is exactly representable: keep it (and its gradient).
+  q = jnp.where(scale == 0, g, q + zero)
+  mask = mask | (scale == 0)
+  return q.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
+
+
+def _symmetric_clip_value(x, clip, bits):
+  scale = 2.0 * jnp.asarray(clip, jnp.float32) / 2.0**bits
+  q, mask = _round_clip(x.astype(jnp.float32), scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
+  return q.astype(x.dtype), mask
+
+
+_binary = _straight_through(_binary_value, 1)
+_ternary = _straight_through(_ternary_value, 1)
+_symmetric = _straight_through(_symmetric_value, 3)
+_asymmetric = _straight_through(_asymmetric_value, 3)
 
 
 def binary(x, num_groups=1):
-  """BWN: alpha * sign(x), alpha = mean|x| per group."""
-  return _binary(x, num_groups)
+  """BWN: alpha * sign(x), alpha = mean|x| per group. Gradient: identity."""
+  return _binary(x, _check_groups(x.shape, num_groups))
 
 
 def ternary(x, num_groups=1):
-  """TWN: alpha * sign(x) * [|x| > 0.7 mean|x|], alpha = mean of |x| above the threshold."""
-  return _ternary(x, num_groups)
+  """TWN: alpha * sign(x) * [|x| > delta], delta = 0.7 mean|x|, alpha = mean of |x| above delta.
+
+  Only an all-zero group has every entry at or below its threshold (max|x| >= mean|x| > delta
+  otherwise); it quantizes to zeros. Gradient: identity.
+  """
+  return _ternary(x, _check_groups(x.shape, num_groups))
 
 
-def symmetric(x, bits, num_groups=1):
-  """Uniform symmetric, scale 2 max|x| / 2^bits (the XTC reference's form)."""
-  return _symmetric(x, bits, num_groups)
+def symmetric(x, bits, num_groups=1, reference=True):
+  """Uniform symmetric: clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s per group.
+
+  reference=True (XTC): s = 2 max|x| / 2^b. reference=False (textbook): s = 2 max|x| / (2^b - 1).
+  Gradient: g where the clamp was not active, else 0.
+  """
+  bits = _check_bits(bits, UNIFORM_BITS, 'symmetric quantizer')
+  return _symmetric(x, bits, _check_groups(x.shape, num_groups), bool(reference))
 
 
-def asymmetric(x, bits, num_groups=1):
-  """Uniform asymmetric, scale (max - min) / 2^bits (the XTC reference's form)."""
-  return _asymmetric(x, bits, num_groups)
+def asymmetric(x, bits, num_groups=1, reference=True):
+  """Uniform asymmetric: clamp(round((x - z) / s), 0, 2^b - 1) * s + z, z = round(min / s) * s.
+
+  reference=True (XTC): s = (max - min) / 2^b. reference=False (textbook): s = (max - min) /
+  (2^b - 1). A constant group is returned unchanged. Gradient: g where the clamp was not active.
+  """
+  bits = _check_bits(bits, (1,) + UNIFORM_BITS, 'asymmetric quantizer')
+  return _asymmetric(x, bits, _check_groups(x.shape, num_groups), bool(reference))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _symmetric_clip(x, clip, bits):
+  return _symmetric_clip_value(x, clip, bits)[0]
+
+
+def _symmetric_clip_fwd(x, clip, bits):
+  value, mask = _symmetric_clip_value(x, clip, bits)
+  return value, (mask, clip)
+
+
+def _symmetric_clip_bwd(bits, res, g):
+  del bits
+  mask, clip = res
+  return jnp.where(mask, g, jnp.zeros_like(g)), jnp.zeros_like(clip)
+
+
+_symmetric_clip.defvjp(_symmetric_clip_fwd, _symmetric_clip_bwd)
+
+
+def symmetric_clip(x, clip, bits):
+  """Symmetric uniform with a given range (static activations): s = 2 clip / 2^b, one scale.
+
+  clip: scalar >= 0 (e.g. an EMA of max|x|); values beyond it are clamped and get no gradient.
+  No gradient flows to `clip` (it is a tracked statistic, not a parameter).
+  """
+  bits = _check_bits(bits, UNIFORM_BITS, 'symmetric_clip quantizer')
+  return _symmetric_clip(x, clip, bits)
+
+
+def lsq_levels(bits, signed=True):
+  """(Qn, Qp): the code range of LSQ, [-2^(b-1), 2^(b-1) - 1] signed, [0, 2^b - 1] unsigned."""
+  bits = _check_bits(bits, UNIFORM_BITS if signed else (1,) + UNIFORM_BITS, 'lsq quantizer')
+  return (-(2**(bits - 1)), 2**(bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _reduce_to(g, shape):
+  """Sums a broadcast cotangent back to `shape` (a trailing-aligned broadcast)."""
+  lead = g.ndim - len(shape)
+  g = jnp.sum(g, axis=tuple(range(lead))) if lead else g
+  axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+  return jnp.sum(g, axis=axes, keepdims=True) if axes else g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lsq(x, step, qn, qp):
+  v = x.astype(jnp.float32) / step
+  return (jnp.clip(jnp.round(v), qn, qp) * step).astype(x.dtype)
+
+
+def _lsq_fwd(x, step, qn, qp):
+  return _lsq(x, step, qn, qp), (x, step)
+
+
+def _lsq_bwd(qn, qp, res, g):
+  x, step = res
+  v = x.astype(jnp.float32) / step
+  below, above = v < qn, v > qp
+  inside = ~(below | above)
+  g32 = g.astype(jnp.float32)
+  dstep = jnp.where(below, float(qn), jnp.where(above, float(qp), jnp.round(v) - v))
+  grad_scale = 1.0 / math.sqrt(x.size * qp)
+  gstep = _reduce_to(g32 * dstep, step.shape) * grad_scale
+  return jnp.where(inside, g, jnp.zeros_like(g)), gstep.astype(step.dtype)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def lsq(x, step, bits, signed=True):
+  """LSQ (Esser et al., ICLR 2020): clip(round(x / s), Qn, Qp) * s with a learned step s > 0.
+
+  step: positive, broadcastable to x (a scalar per layer here); the caller keeps it positive.
+  Gradients, v = x / s: x: g where Qn <= v <= Qp, else 0. s: sum(g * d) / sqrt(x.size * Qp) with
+  d = round(v) - v inside, Qn below, Qp above (LSQ's gradient and its gradient scaling).
+  """
+  qn, qp = lsq_levels(bits, signed)
+  return _lsq(x, jnp.asarray(step, jnp.float32), qn, qp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _elastic(x, alpha, beta, signed):
+  v = (x.astype(jnp.float32) - beta) / alpha
+  codes = sign(v) if signed else jnp.round(jnp.clip(v, 0.0, 1.0))
+  return (alpha * codes).astype(x.dtype)
+
+
+def _elastic_fwd(x, alpha, beta, signed):
+  return _elastic(x, alpha, beta, signed), (x, alpha, beta)
+
+
+def _elastic_bwd(signed, res, g):
+  x, alpha, beta = res
+  v = (x.astype(jnp.float32) - beta) / alpha
+  lo = -1.0 if signed else 0.0
+  inside = (v >= lo) & (v <= 1.0)
+  g32 = g.astype(jnp.float32)
+  gx = jnp.where(inside, g32, 0.0)
+  if signed:
+    dalpha = sign(v)  # exact: alpha * sign(x - beta) is linear in alpha
+  else:
+    dalpha = jnp.where(v > 1.0, 1.0, jnp.where(inside, jnp.round(v) - v, 0.0))
+  galpha = _reduce_to(g32 * dalpha, alpha.shape) / math.sqrt(x.size)
+  gbeta = -_reduce_to(gx, beta.shape)
+  return gx.astype(g.dtype), galpha.astype(alpha.dtype), gbeta.astype(beta.dtype)
+
+
+_elastic.defvjp(_elastic_fwd, _elastic_bwd)
+
+
+def elastic_binary(x, alpha, beta, signed=True):
+  """BiT elastic binarization (Liu et al., NeurIPS 2022) with learned scale alpha and offset beta.
+
+  signed: alpha * sign(x - beta) (sign(0) = +1); unsigned (non-negative inputs):
+  alpha * round(clip((x - beta) / alpha, 0, 1)). alpha > 0 (kept so by the caller), beta
+  broadcastable to x (one per input feature). Gradients, as BiT's code, v = (x - beta) / alpha:
+  x: g where v is inside the clip range ([-1, 1] signed, [0, 1] unsigned), else 0; beta: minus
+  that, summed to beta's shape; alpha: sum(g * d) / sqrt(x.size) (LSQ scaling with Qp = 1), d =
+  sign(v) signed (the exact derivative), and round(v) - v inside, 1 above, 0 below unsigned.
+  """
+  return _elastic(x, jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32), bool(signed))
 
 
 def quantize_weight(w, bits, num_groups=1):
-  """Dispatch on bits: 1 -> binary, 2 -> ternary, >= 3 -> symmetric, 32 -> unchanged."""
+  """Dispatch on bits: 1 -> binary, 2 -> ternary, 3..8 -> symmetric (reference), 32 -> unchanged."""
   if bits >= 32:
     return w
   if bits == 1:
@@ -122,8 +317,7 @@ def quantize_weight(w, bits, num_groups=1):
 
 
 def quantize_activation(x, bits):
-  """Dynamic symmetric quantization, one scale per token (per row of the last dimension)."""
+  """Dynamic symmetric quantization (reference form), one scale per token (row of the last dim)."""
   if bits >= 32:
     return x
-  rows = x.size // x.shape[-1]
-  return symmetric(x, bits, rows)
+  return symmetric(x, bits, x.size // x.shape[-1])

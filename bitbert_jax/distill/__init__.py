@@ -1,0 +1,1 @@
+"""Distillation: losses, layer maps and the stages."""

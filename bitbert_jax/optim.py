@@ -1,0 +1,37 @@
+"""AdamW with linear warmup and decay and global-norm clipping (BERT's recipe)."""
+import jax
+import optax
+
+from bitbert_jax.errors import BitbertError
+
+
+def _decay_mask(params):
+  # BERT convention: no weight decay on biases and LayerNorm parameters.
+  def decays(path, _):
+    names = [getattr(k, 'key', str(k)) for k in path]
+    return not (names[-1] in ('bias', 'scale') or any('LayerNorm' in n for n in names))
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def learning_rate_schedule(lr, total_steps, warmup_steps):
+  warmup_steps = min(warmup_steps, total_steps)
+  return optax.join_schedules([
+      optax.linear_schedule(0.0, lr, max(warmup_steps, 1)),
+      optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1)),
+  ], [warmup_steps])
+
+
+def make_optimizer(lr, total_steps, warmup_steps, weight_decay=0.01, clip_norm=1.0,
+                   field='optim'):
+  """Returns (optax transform, schedule). Refuses nonsensical settings by field name."""
+  if not lr > 0:
+    raise BitbertError(f'{field}.lr={lr}: the learning rate must be > 0')
+  if weight_decay < 0:
+    raise BitbertError(f'{field}.weight_decay={weight_decay}: must be >= 0')
+  if total_steps < 1:
+    raise BitbertError(f'{field}: {total_steps} training steps; give epochs or steps > 0')
+  schedule = learning_rate_schedule(lr, total_steps, warmup_steps)
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay,
+                           mask=_decay_mask))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,375 @@
+"""The loop that runs one stage's steps: one jitted, sharded step per batch, eval, checkpoints.
+
+Everything about *what* is optimised comes in as an `Objective`; this module only knows how to
+step, evaluate, checkpoint, resume and report.
+"""
+import dataclasses
+import logging
+import math
+import os
+import signal
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+
+from bitbert_jax import checkpoint as ckpt_lib
+from bitbert_jax import logs
+from bitbert_jax import sharding
+from bitbert_jax.data import batching
+from bitbert_jax.data import metrics as metrics_lib
+from bitbert_jax.distill import losses
+from bitbert_jax.errors import BitbertError
+from bitbert_jax.model import BertModel
+from bitbert_jax.optim import make_optimizer
+from bitbert_jax.train_state import init_variables
+
+log = logging.getLogger('bitbert_jax')
+BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels', 'weights')
+
+
+class NonFiniteError(BitbertError):
+  """A NaN or infinite loss or gradient norm."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was written and the run should exit cleanly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  config: Any
+  params: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Which losses a stage sums (each with weight 1): 'label' (gold labels, fine-tuning only),
+  'pred' (teacher logits), 'attn' (attention scores), 'hidden' (hidden states)."""
+  losses: tuple[str, ...]
+  layer_map: Any = None
+  temperature: float = 1.0
+
+  @property
+  def needs_teacher(self):
+    return bool(set(self.losses) & {'pred', 'attn', 'hidden'})
+
+
+@dataclasses.dataclass
+class TaskBatches:
+  """Epochs over a tokenized split, resumable at (epoch, batch)."""
+  encoded: Any
+  batch_size: int
+  seed: int
+
+  def steps_per_epoch(self):
+    return batching.num_batches(self.encoded, self.batch_size, drop_remainder=True)
+
+  def epoch(self, epoch, start=0):
+    return batching.epoch_batches(self.encoded, self.batch_size, seed=self.seed, epoch=epoch,
+                                  drop_remainder=True, start=start,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+
+@dataclasses.dataclass
+class StreamBatches:
+  """An unlabelled stream (general-KD corpus): `make(epoch)` restarts it deterministically."""
+  make: Callable[[int], Iterator[dict]]
+  batches_per_epoch: int
+
+  def steps_per_epoch(self):
+    return self.batches_per_epoch
+
+  def epoch(self, epoch, start=0):
+    it = self.make(epoch)
+    for _ in range(start):  # resume: the stream is a pure function of (seed, epoch)
+      next(it)
+    return it
+
+
+@dataclasses.dataclass
+class Settings:
+  """One stage's training settings (from its config section)."""
+  lr: float
+  epochs: float
+  batch_size: int
+  warmup: float = 0.1  # fraction of total steps (< 1) or number of epochs (>= 1)
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  max_steps: int = -1
+  log_every: int = 50
+  eval_every: int = 0  # steps; 0 = every epoch
+  keep_best: bool = True
+  checkpoint_every_steps: int = 0
+  checkpoint_every_secs: float = 600.0
+  keep_checkpoints: int = 2
+  skip_nonfinite: bool = False
+  field: str = 'config'
+
+
+def make_loss_fn(student, teacher_model, objective, is_regression):
+  """loss_fn(params, aux, model_state, batch, teacher_params, rng) -> (loss, (terms, state))."""
+
+  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng):
+    mutable = list(model_state) if model_state else False
+    out = student.apply({'params': params, **model_state}, batch['input_ids'],
+                        batch['attention_mask'], batch['token_type_ids'], deterministic=False,
+                        rngs={'dropout': rng}, mutable=mutable)
+    out, new_model_state = out if mutable else (out, model_state)
+    w, mask = batch['weights'], batch['attention_mask']
+    terms = {}
+    if 'label' in objective.losses:
+      terms['label'] = losses.label_loss(out.logits, batch['labels'], w, is_regression)
+    if objective.needs_teacher:
+      t = teacher_model.apply({'params': teacher_params}, batch['input_ids'], mask,
+                              batch['token_type_ids'], deterministic=True)
+      t = jax.lax.stop_gradient(t)
+      lmap = objective.layer_map
+      if 'pred' in objective.losses:
+        terms['pred'] = losses.prediction_loss(out.logits, t.logits, w, is_regression,
+                                               objective.temperature)
+      if 'attn' in objective.losses:
+        terms['attn'] = sum(losses.attention_mse(s, t.attention_scores[j], mask, w)
+                            for s, j in zip(out.attention_scores, lmap.attention))
+      if 'hidden' in objective.losses:
+        proj = aux_params.get('hidden_proj') if aux_params else None
+        terms['hidden'] = sum(losses.hidden_mse(s, t.hidden_states[j], w, proj)
+                              for s, j in zip(out.hidden_states, lmap.hidden))
+    return sum(terms.values()), (terms, new_model_state)
+
+  return loss_fn
+
+
+def make_train_step(loss_fn, tx):
+  """One optimiser step; a non-finite loss or gradient leaves the state unchanged."""
+
+  def step(state, batch, teacher_params):
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, (terms, model_state)), grads = grad_fn(state.params, state.aux_params,
+                                                  state.model_state, batch, teacher_params,
+                                                  step_rng)
+    grad_norm = optax.global_norm(grads)
+    trainable = (state.params, state.aux_params)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params, aux_params = optax.apply_updates(trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        aux_params=keep(aux_params, state.aux_params), opt_state=keep(opt_state, state.opt_state),
+        model_state=keep(model_state, state.model_state), rng=rng)
+    metrics = dict(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32),
+                   **terms)
+    return new_state, metrics
+
+  return step
+
+
+def param_shardings(mesh, model, params):
+  """Shardings for `params` of `model` from its logical axis names (via jax.eval_shape)."""
+  abstract = jax.eval_shape(lambda r: model.init(r, **_tiny_input())['params'],
+                            jax.random.PRNGKey(0))
+  shardings = sharding.logical_shardings(mesh, abstract)
+  return _match(params, shardings, sharding.replicated(mesh))
+
+
+def _tiny_input():
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids)
+
+
+def _match(tree, shardings, default):
+  """`shardings` laid onto `tree`'s structure; leaves it lacks (e.g. learned scales) replicate."""
+  flat = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  return jax.tree_util.tree_map_with_path(lambda k, _: flat.get(jax.tree_util.keystr(k), default),
+                                          tree)
+
+
+def state_shardings(mesh, state, tx=None):
+  rep = sharding.replicated(mesh)
+  p_sh = param_shardings(mesh, state.model, state.params)
+  aux_sh = jax.tree.map(lambda _: rep, state.aux_params)
+  opt_sh = jax.tree.map(lambda _: rep, state.opt_state)
+  if tx is not None and state.opt_state != ():
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state.opt_state, (p_sh, aux_sh),
+                                   transform_non_params=lambda _: rep)
+  return state.replace(step=rep, params=p_sh, aux_params=aux_sh, opt_state=opt_sh,
+                       model_state=jax.tree.map(lambda _: rep, state.model_state), rng=rep)
+
+
+def device_batch(mesh, batch):
+  """A host-local numpy batch -> global arrays sharded over the data-parallel axes."""
+  bs = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(bs, np.asarray(batch[k]))
+          for k in BATCH_KEYS if k in batch}
+
+
+def predict(model, params, model_state, encoded, batch_size, mesh):
+  """Logits (or regression scores) [N, C] for every example of a split, in split order."""
+  rep = sharding.replicated(mesh)
+
+  @jax.jit
+  def logits_fn(params, model_state, batch):
+    return model.apply({'params': params, **model_state}, batch['input_ids'],
+                       batch['attention_mask'], batch['token_type_ids']).logits
+
+  out = np.zeros((len(encoded), model.config.num_labels), np.float32)
+  for batch in batching.eval_batches(encoded, batch_size, process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    logits = logits_fn(params, model_state, device_batch(mesh, batch))
+    logits = np.asarray(multihost_utils.process_allgather(
+        jax.device_put(logits, rep) if jax.process_count() > 1 else logits, tiled=True))
+    index = multihost_utils.process_allgather(batch['index'], tiled=True) \
+        if jax.process_count() > 1 else batch['index']
+    real = index >= 0
+    out[index[real]] = logits[real]
+  return out
+
+
+def evaluate(model, params, model_state, task, dev_sets, batch_size, mesh):
+  """{split: metrics} plus 'score' = the task's main score on the first dev split."""
+  results = {}
+  for split, encoded in dev_sets.items():
+    logits = predict(model, params, model_state, encoded, batch_size, mesh)
+    results[split] = metrics_lib.compute_metrics(task, logits, encoded.labels)
+  first = next(iter(results.values()))
+  results['score'] = task.score(first)
+  return results
+
+
+def _flat_metrics(evals):
+  return {f'{split}/{k}': v for split, m in evals.items() if isinstance(m, dict)
+          for k, v in m.items()}
+
+
+def train(state, *, name, objective, settings, batches, mesh, workdir, writer, task=None,
+          dev_sets=None, teacher=None):
+  """Runs one stage's optimisation; returns (state with the kept parameters, dev results).
+
+  Resumes from the newest readable checkpoint under `workdir/checkpoints` when one exists.
+  """
+  sharding.check_batch_size(settings.batch_size, mesh, f'{settings.field}.batch_size')
+  steps_per_epoch = batches.steps_per_epoch()
+  if steps_per_epoch < 1:
+    raise BitbertError(f'{settings.field}: the training split has fewer examples than one '
+                       f'batch ({settings.batch_size}); lower batch_size')
+  total = (settings.max_steps if settings.max_steps > 0
+           else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
+  warmup = settings.warmup * total if settings.warmup < 1 else settings.warmup * steps_per_epoch
+  tx, schedule = make_optimizer(settings.lr, total, int(warmup), settings.weight_decay,
+                                settings.clip_norm, field=settings.field)
+
+  state = state.replace(step=jnp.zeros((), jnp.int32))
+  teacher_model = BertModel(teacher.config) if teacher is not None else None
+  if objective.needs_teacher and teacher is None:
+    raise BitbertError(f'{settings.field}: losses {objective.losses} need a teacher')
+
+  # Optimizer state created already sharded, never whole on one device first.
+  shardings = state_shardings(mesh, state)
+  state = jax.device_put(state, shardings)
+  opt_shapes = jax.eval_shape(tx.init, (state.params, state.aux_params))
+  state = state.replace(opt_state=opt_shapes)
+  shardings = state_shardings(mesh, state, tx)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)((state.params,
+                                                                   state.aux_params))
+  state = state.replace(opt_state=opt_state)
+  teacher_params = None
+  if teacher is not None:
+    teacher_params = jax.device_put(teacher.params,
+                                    param_shardings(mesh, teacher_model, teacher.params))
+
+  loss_fn = make_loss_fn(state.model, teacher_model, objective,
+                         state.model_config.is_regression)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  t_sh = jax.tree.map(lambda x: x.sharding, teacher_params) if teacher_params else None
+  step_fn = jax.jit(make_train_step(loss_fn, tx), in_shardings=(shardings, batch_sh, t_sh),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'),
+                                    settings.keep_checkpoints, settings.checkpoint_every_steps,
+                                    settings.checkpoint_every_secs)
+  best = {'score': None, 'step': 0, 'evals': None}
+  best_params = None
+  start = 0
+  restored = ckpts.restore_latest(ckpt_lib.abstract_like(
+      {'state': state, 'best_params': (state.params, state.model_state)},
+      {'state': shardings, 'best_params': (shardings.params, shardings.model_state)}))
+  if restored is not None:
+    tree, meta = restored
+    state, best_params = tree['state'], tree['best_params']
+    best = meta['best']
+    best_params = best_params if best['evals'] is not None else None
+    start = int(meta['step'])
+    log.info('[%s] resumed from step %d', name, start)
+
+  progress = logs.Progress(name, total, start, settings.batch_size)
+  eval_every = settings.eval_every or steps_per_epoch
+  can_eval = task is not None and dev_sets and state.model_config.num_labels > 0
+  preempted = []
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
+      if _main_thread() else None
+
+  def save(step):
+    meta = {'step': step, 'best': best}
+    ckpts.save(step, {'state': state, 'best_params': best_params or (state.params,
+                                                                     state.model_state)}, meta)
+
+  try:
+    step, nonfinite_skipped, last_evals = start, 0, None
+    while step < total:
+      epoch, index = divmod(step, steps_per_epoch)
+      for batch in batches.epoch(epoch, index):
+        state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
+        step += 1
+        if float(m['nonfinite']):
+          if not settings.skip_nonfinite:
+            raise NonFiniteError(
+                f'stage {name!r}: non-finite loss or gradient norm at step {step} '
+                f'(loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])}); the last good '
+                f'checkpoint is kept under {ckpts.directory}. Lower the learning rate, or set '
+                f'{settings.field}.skip_nonfinite=True to skip such batches')
+          nonfinite_skipped += 1
+        if step % settings.log_every == 0 or step == total:
+          m = {k: float(v) for k, v in m.items()}
+          m.update(lr=float(schedule(step - 1)), nonfinite_skipped=nonfinite_skipped)
+          writer.write(name, step, m)
+          log.info(progress.line(step, {k: m[k] for k in m if k not in ('nonfinite',)}))
+        if can_eval and (step % eval_every == 0 or step == total):
+          evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
+                           settings.batch_size, mesh)
+          writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
+          log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
+          last_evals = evals
+          if best['score'] is None or evals['score'] > best['score']:
+            best = {'score': float(evals['score']), 'step': step, 'evals': evals}
+            best_params = jax.device_get((state.params, state.model_state))
+        if ckpts.due(step) or preempted:
+          save(step)
+        if preempted:
+          raise Preempted(f'stage {name!r}: SIGTERM at step {step}; checkpoint written')
+        if step >= total:
+          break
+    save(step)
+  finally:
+    ckpts.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+
+  if settings.keep_best and best_params is not None:
+    params, model_state = best_params
+    state = state.replace(params=params, model_state=model_state)
+    return state, best['evals']
+  if can_eval and last_evals is None:  # resumed after the last step: evaluate once more
+    last_evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
+                          settings.batch_size, mesh)
+  return state, last_evals
+
+
+def _main_thread():
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,53 @@
+"""Pipeline A (TinyBERT/BinaryBERT lineage), the left side of the seed figure:
+
+  finetune (teacher) -> init_student -> general KD -> Stage-I -> Stage-II (FP32)
+  -> 2-bit Stage-I -> Stage-II -> weight splitting -> 1-bit Stage-I -> Stage-II
+
+  python -m bitbert_jax.main --config=configs/multistage.py --workdir=runs/multistage
+Arguments: task, teacher, layers/hidden (student depth/width; 0 = the teacher's), bits (final
+W-E-A; the ternary stage uses 2-2-A), augment (TinyBERT data augmentation), preset.
+"""
+from bitbert_jax import config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
+                              layers=0, hidden=0, bits='1-1-8', augment=False,
+                              corpus='../shared/data/corpus/wikitext-2')
+  c = config_lib.base_config(args)
+  act = args.bits.split('-')[-1]
+  c.corpus = args.corpus
+  data = 'augmented' if args.augment else 'task'
+  s = config_lib.stage
+  c.stages.finetune = s('finetune', epochs=3.0, lr=5e-5)
+  c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden)
+  c.stages.general_kd = s('general_kd', epochs=3.0, lr=5e-5, batch_size=256)
+  c.stages.augment = s('augment', copies=20, probability=0.4, candidates=15, glove='')
+  c.stages.fp32_stage1 = s('task_kd', losses='stage1', epochs=20.0, lr=5e-5, data=data)
+  c.stages.fp32_stage2 = s('task_kd', losses='stage2', epochs=3.0, lr=3e-5, data=data)
+  c.stages.quantize_2bit = s('quantize', bits=f'2-2-{act}')
+  c.stages.ternary_stage1 = s('task_kd', losses='stage1', epochs=2.0, lr=2.5e-5, batch_size=16,
+                              data=data)
+  c.stages.ternary_stage2 = s('task_kd', losses='stage2', epochs=2.0, lr=1e-5, batch_size=16,
+                              data=data)
+  c.stages.split = s('split')
+  c.stages.binary_stage1 = s('task_kd', losses='stage1', epochs=2.0, lr=1.25e-4, batch_size=16,
+                             data=data)
+  c.stages.binary_stage2 = s('task_kd', losses='stage2', epochs=2.0, lr=5e-5, batch_size=16,
+                             data=data)
+  names = (['finetune', 'init_student', 'general_kd'] + (['augment'] if args.augment else []) +
+           ['fp32_stage1', 'fp32_stage2', 'quantize_2bit', 'ternary_stage1', 'ternary_stage2',
+            'split', 'binary_stage1', 'binary_stage2'])
+  c.pipeline = ','.join(names)
+  config_lib.apply_preset(c, args.preset)
+  if args.preset != 'paper':
+    c.stages.general_kd.batch_size = c.train.batch_size
+    c.stages.general_kd.steps_per_epoch = 8 if args.preset == 'smoke' else 200
+    for n in names:
+      if c.stages[n].get('batch_size') is not None:
+        c.stages[n].batch_size = c.train.batch_size
+  if args.preset == 'quick':
+    for n in ('fp32_stage1', 'ternary_stage1', 'binary_stage1'):
+      c.stages[n].epochs = 2.0
+  config_lib.smoke_epochs(c, args.preset, names, {})
+  return c
