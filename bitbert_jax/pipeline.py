@@ -32,9 +32,10 @@ log = logging.getLogger('bitbert_jax')
 @dataclasses.dataclass
 class TaskData:
   tokenizer: object
-  train: object
-  dev: dict
-  augmented: object = None
+  train: object  # EncodedSplit
+  dev: dict  # split name -> EncodedSplit
+  raw_train: object = None  # datasets.Dataset with the task's text fields (for augmentation)
+  augmented: object = None  # EncodedSplit, once an augment stage ran
 
   def sample_batch(self):
     from bitbert_jax.data import batching  # pylint: disable=g-import-not-at-top
@@ -85,9 +86,10 @@ def load_task_data(config, tokenizer_dir):
   cut = lambda ds, n: ds.select(range(min(n, len(ds)))) if n and n > 0 else ds
   if t.max_train_examples > 0:
     train = train.shuffle(seed=config.seed)
-  enc = lambda ds, n: data_lib.encode(cut(ds, n), tok, task, t.max_length)
-  return task, TaskData(tok, enc(train, t.max_train_examples),
-                        {s: enc(d, t.max_dev_examples) for s, d in devs.items()})
+  train = cut(train, t.max_train_examples)
+  enc = lambda ds: data_lib.encode(ds, tok, task, t.max_length)
+  return task, TaskData(tok, enc(train), {s: enc(cut(d, t.max_dev_examples))
+                                          for s, d in devs.items()}, raw_train=train)
 
 
 def _save_stage(stage_dir, state, info):

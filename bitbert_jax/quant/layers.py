@@ -43,7 +43,9 @@ def quantized_value(policy, path, latent, rows):
 class QDense(nn.Module):
   """Dense layer y = x W + b with policy-driven weight and input-activation quantization.
 
-  kernel: [in, features] (or [2, in, features] after weight splitting, bias likewise).
+  kernel: [in, features] (or [2, in, features] after weight splitting, bias likewise); with a
+  split kernel y = x (Q(k0) + Q(k1)) + b0 + b1. The input is quantized per `policy.input_quant`
+  (see `activations`), which may add `quant_stats` variables or `act_*` params to this scope.
   """
   features: int
   policy: QuantPolicy = QuantPolicy()
@@ -51,6 +53,7 @@ class QDense(nn.Module):
   dtype: Any = jnp.float32
   use_bias: bool = True
   kernel_init: Any = default_init
+  nonnegative_input: bool = False  # inputs >= 0 (e.g. after ReLU): unsigned lsq/elastic forms
 
   @nn.compact
   def __call__(self, x):
@@ -62,11 +65,14 @@ class QDense(nn.Module):
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes),
                         lead + (x.shape[-1], self.features), jnp.float32)
     quant = self.policy.weight_quant(path)
-    if quant is not None:
-      # Quantize output-major (PyTorch layout) so that 'row' groups are output rows.
+    if quant is not None and _groups(quant, self.features) == 1:
+      # One scale per tensor does not depend on the layout: skip the two transposes.
+      kernel = quantized_value(self.policy, path, kernel, self.features)
+    elif quant is not None:
+      # Quantize output-major (PyTorch layout) so that groups are consecutive output rows.
       kernel_t = jnp.swapaxes(kernel, -1, -2)
       kernel = jnp.swapaxes(quantized_value(self.policy, path, kernel_t, self.features), -1, -2)
-      x = activations.quantize_input(self, x, self.policy.act)
+    x = activations.quantize_input(self, x, self.policy.input_quant(path), self.nonnegative_input)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),

@@ -138,7 +138,7 @@ def _asymmetric_value(x, bits, num_groups, reference):
 
 
 def _symmetric_clip_value(x, clip, bits):
-  scale = 2.0 * jnp.asarray(clip, jnp.float32) / 2.0**bits
+  scale = 2.0 * clip / 2.0**bits
   q, mask = _round_clip(x.astype(jnp.float32), scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
   return q.astype(x.dtype), mask
 
@@ -209,7 +209,7 @@ def symmetric_clip(x, clip, bits):
   No gradient flows to `clip` (it is a tracked statistic, not a parameter).
   """
   bits = _check_bits(bits, UNIFORM_BITS, 'symmetric_clip quantizer')
-  return _symmetric_clip(x, clip, bits)
+  return _symmetric_clip(x, jnp.asarray(clip, jnp.float32), bits)
 
 
 def lsq_levels(bits, signed=True):
@@ -309,6 +309,7 @@ def quantize_weight(w, bits, num_groups=1):
   """Dispatch on bits: 1 -> binary, 2 -> ternary, 3..8 -> symmetric (reference), 32 -> unchanged."""
   if bits >= 32:
     return w
+  _check_bits(bits, (1, 2) + UNIFORM_BITS, 'quantize_weight')
   if bits == 1:
     return binary(w, num_groups)
   if bits == 2:
