@@ -69,19 +69,38 @@ def pipeline_stages(config):
   return names
 
 
-def load_task_data(config, tokenizer_dir):
+SAMPLE_GLUE = 'sample'  # config.task.glue_dir value that selects the generated offline sample
+
+
+def _glue_splits(task, glue_dir, sample_dir):
+  """(train, {dev split: data}, source): glue_dir TSVs, else the hub, else the offline sample."""
+  if glue_dir != SAMPLE_GLUE:
+    try:
+      load = lambda s: data_lib.load_split(task, s, glue_dir or None)
+      return load('train'), {s: load(s) for s in task.dev_splits}, glue_dir or 'hub'
+    except BitbertError as e:
+      if glue_dir:  # a bad local GLUE folder is the user's to fix, never papered over
+        raise
+      log.warning('task %s: GLUE not on the hub (%s); using the GENERATED offline sample in '
+                  '%s -- its scores say nothing about GLUE; set config.task.glue_dir or '
+                  'GLUE_DIR for real data', task.name, e, sample_dir)
+  data_lib.write_sample_glue(sample_dir, tasks=(task.name,))
+  load = lambda s: data_lib.load_split(task, s, sample_dir)
+  return load('train'), {s: load(s) for s in task.dev_splits}, 'sample'
+
+
+def load_task_data(config, tokenizer_dir, sample_dir):
+  """(task, TaskData, source): source says where the data came from (a dir, hub, sample)."""
   t = config.task
   if t.train_file:
     task = data_lib.custom_task(t.name, tuple(t.text_columns.split(',')),
                                 tuple(t.label_names.split(',')) if t.label_names else None)
     load = lambda path: data_lib.load_custom_split(path, task.text_fields, t.label_column,
                                                    task.label_names, task.is_regression)
-    train, devs = load(t.train_file), {'validation': load(t.dev_file)}
+    train, devs, source = load(t.train_file), {'validation': load(t.dev_file)}, t.train_file
   else:
     task = data_lib.get_task(t.name)
-    glue_dir = t.glue_dir or None
-    train = data_lib.load_split(task, 'train', glue_dir)
-    devs = {s: data_lib.load_split(task, s, glue_dir) for s in task.dev_splits}
+    train, devs, source = _glue_splits(task, t.glue_dir, sample_dir)
   tok = data_lib.load_tokenizer(tokenizer_dir)
   cut = lambda ds, n: ds.select(range(min(n, len(ds)))) if n and n > 0 else ds
   if t.max_train_examples > 0:
@@ -89,7 +108,7 @@ def load_task_data(config, tokenizer_dir):
   train = cut(train, t.max_train_examples)
   enc = lambda ds: data_lib.encode(ds, tok, task, t.max_length)
   return task, TaskData(tok, enc(train), {s: enc(cut(d, t.max_dev_examples))
-                                          for s, d in devs.items()}, raw_train=train)
+                                          for s, d in devs.items()}, raw_train=train), source
 
 
 def _save_stage(stage_dir, state, info):
@@ -131,7 +150,8 @@ def run(config, workdir):
   pretrained_dir = resolve_checkpoint(config.pretrained)
   tokenizer_dir = config.tokenizer or (config.teacher and resolve_checkpoint(config.teacher)) \
       or pretrained_dir
-  task, data = load_task_data(config, tokenizer_dir)
+  task, data, source = load_task_data(config, tokenizer_dir,
+                                      os.path.join(workdir, 'sample_glue'))
 
   def load_teacher(path):
     cfg, params = hf.load_hf_checkpoint(resolve_checkpoint(path))
@@ -145,7 +165,7 @@ def run(config, workdir):
   state = new_state(pretrained.config, pretrained.params) if pretrained else None
   corpus = _corpus_fn(config, data.tokenizer)
 
-  results = {'task': task.name, 'stages': {}}
+  results = {'task': task.name, 'data': source, 'stages': {}}
   student_layers = None
   for i, name in enumerate(names):
     stage_cfg = config.stages[name]
@@ -154,6 +174,10 @@ def run(config, workdir):
     if done is not None:
       state, info = done
       log.info('[%s] already complete: loaded from %s', name, stage_dir)
+      if stage_cfg.kind == 'augment':  # its product is data, not params: reload it (cache hit)
+        stages_lib.augment(state, stages_lib.StageContext(
+            name=name, stage=stage_cfg, config=config, workdir=stage_dir, mesh=mesh,
+            writer=writer, task=task, data=data, teacher=teacher, pretrained=pretrained))
     else:
       if stage_cfg.kind == 'finetune' and teacher is not None:
         log.info('[%s] skipped: config.teacher is set', name)

@@ -271,7 +271,9 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
 
   # Optimizer state created already sharded, never whole on one device first.
   shardings = state_shardings(mesh, state)
-  state = jax.device_put(state, shardings)
+  # Own buffers: the state is donated to the step, and a student built from the teacher's
+  # layers must not alias the teacher's arrays.
+  state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)
   opt_shapes = jax.eval_shape(tx.init, (state.params, state.aux_params))
   state = state.replace(opt_state=opt_shapes)
   shardings = state_shardings(mesh, state, tx)

@@ -19,7 +19,8 @@ Usage: launch/gpu_node.sh [options] [-- extra bitbert_jax.main flags]
   --glue-dir DIR      GLUE_DIR     GLUE TSV root; empty: the Hugging Face hub
   --gpus LIST         CUDA_VISIBLE_DEVICES  e.g. 0,1 (default: all)
   --python PY         PYTHON       interpreter (default: python3, or the venv's)
-  --venv DIR          VENV         create/use this virtualenv for the install
+  --venv DIR          VENV         create/use this virtualenv (made with --python, which
+                                   must be Python >= 3.11)
   --install MODE      INSTALL      auto (default): install jax[cuda12] only when the
                                    interpreter's jax sees no GPU; 1: always; 0: never
   --jax-pip SPEC      JAX_PIP      (default: jax[cuda12])
@@ -105,10 +106,14 @@ log "GPUs: $NUM_GPUS${CUDA_VISIBLE_DEVICES:+ (CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE
 
 # --- 2. Python environment -------------------------------------------------------------------
 if [[ -n $VENV ]]; then
-  [[ -x $VENV/bin/python ]] || run python3 -m venv "$VENV"
+  [[ -x $VENV/bin/python ]] || run "${PYTHON:-python3}" -m venv "$VENV"
   PYTHON=$VENV/bin/python
 fi
 PYTHON=${PYTHON:-python3}
+if [[ $DRY_RUN != 1 ]]; then
+  "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+    || die "$PYTHON is not Python >= 3.11 (bitbert_jax needs it): pass --python or --venv"
+fi
 GPU_CHECK='import jax; d = jax.devices(); print(d); assert d[0].platform == "gpu", "jax sees no GPU"'
 need_install=$INSTALL
 if [[ $INSTALL == auto ]]; then
@@ -124,7 +129,8 @@ if [[ $need_install == 1 ]]; then
   # shellcheck disable=SC2086  # EXTRA_PIP: several specs
   run "$PYTHON" -m pip install -q -e "$REPO_ROOT" $EXTRA_PIP
 fi
-run "$PYTHON" -c "$GPU_CHECK"
+run "$PYTHON" -c "$GPU_CHECK" \
+  || die "$PYTHON's jax sees no GPU: install a CUDA build (--install 1, or pip install '$JAX_PIP')"
 
 # --- 3. XLA / JAX settings for GPUs ----------------------------------------------------------
 # Preallocate most (not all) of each GPU: leaves room for cuDNN/NCCL workspaces.

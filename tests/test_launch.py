@@ -64,6 +64,11 @@ def test_notebook_is_valid_nbformat_v4():
   assert "PRESET = 'quick'" in tagged[0]
   for src, _ in cells:
     compile(src, NOTEBOOK, 'exec')  # every cell parses once the shell lines are gone
+  if importlib.util.find_spec('IPython') is not None:  # and, as IPython sees it, with them
+    from IPython.core.inputtransformer2 import TransformerManager
+    for cell in nb.cells:
+      if cell.cell_type == 'code':
+        compile(TransformerManager().transform_cell(cell.source), NOTEBOOK, 'exec')
 
 
 @pytest.fixture(scope='module')
@@ -159,7 +164,7 @@ def test_tpu_pod_dry_run():
   ssh_all = [c for c in cmds if ' tpu-vm ssh bb-test ' in c and '--worker=all' in c]
   assert any('jax[tpu]' in c and 'pip install' in c for c in ssh_all), 'jax[tpu] on all workers'
   assert any('gcloud storage rsync -r gs://bucket/glue' in c for c in ssh_all)
-  train = [c for c in ssh_all if 'python3 -m bitbert_jax.main' in c]
+  train = [c for c in ssh_all if '-m bitbert_jax.main' in c]
   assert len(train) == 1
   assert 'configs/xtc.py:task=rte,preset=quick' in train[0]
   assert '--workdir=' in train[0] and '--config.train.batch_size=64' in train[0]

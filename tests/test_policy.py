@@ -15,7 +15,7 @@ TINY = BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=2, num_attenti
 
 @pytest.fixture(scope='module')
 def param_paths():
-  params = init_params(TINY)
+  params = jax.eval_shape(lambda: init_params(TINY))  # paths only
   return ['/'.join(k.key for k in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 

@@ -230,9 +230,8 @@ def test_static_ranges_follow_an_ema_only_when_mutable():
   np.testing.assert_array_equal(state[STATS]['act_range'], [-2, 3])  # first update: as is
   variables = {**variables, **state}
   _, state = layer.apply(variables, x2, mutable=[STATS])
-  np.testing.assert_allclose(state[STATS]['act_range'],
-                             EMA_MOMENTUM * np.array([-2, 3]) + (1 - EMA_MOMENTUM) * np.array([-6, 4]),
-                             rtol=1e-6)
+  ema = EMA_MOMENTUM * np.array([-2, 3]) + (1 - EMA_MOMENTUM) * np.array([-6, 4])
+  np.testing.assert_allclose(state[STATS]['act_range'], ema, rtol=1e-6)
   # Not mutable: the stored range [-2, 3] quantizes (clip 3, 8 bits); nothing changes.
   eye = jnp.eye(3, 4)
   params = {'kernel': eye}

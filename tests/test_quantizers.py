@@ -33,7 +33,8 @@ def test_binary_groups_zero_and_negative_rows():
   x = _f32([[1, -2, 0, 3],  # alpha = 6/4; sign(0) = +1
             [0, 0, 0, 0],  # all zero: alpha = 0, no NaN
             [-1, -2, -3, -2]])  # negative only: alpha = 2
-  np.testing.assert_array_equal(binary(x, 3), [[1.5, -1.5, 1.5, 1.5], [0, 0, 0, 0], [-2, -2, -2, -2]])
+  np.testing.assert_array_equal(binary(x, 3),
+                                [[1.5, -1.5, 1.5, 1.5], [0, 0, 0, 0], [-2, -2, -2, -2]])
   # One group over the whole tensor: alpha = 14 / 12.
   np.testing.assert_allclose(binary(x, 1), np.where(np.asarray(x) >= 0, 1, -1) * 14 / 12,
                              rtol=1e-6)

@@ -19,3 +19,7 @@ from bitbert_jax.data.tasks import get_task
 from bitbert_jax.data.tokenize import EncodedSplit
 from bitbert_jax.data.tokenize import encode
 from bitbert_jax.data.tokenize import load_tokenizer
+from bitbert_jax.data.augment import augment_texts
+from bitbert_jax.data.augment import augmented_split
+from bitbert_jax.data.sample import write_sample_corpus
+from bitbert_jax.data.sample import write_sample_glue

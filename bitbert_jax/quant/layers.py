@@ -62,8 +62,8 @@ class QDense(nn.Module):
       return packed_layers.packed_dense(self, x)
     split = self.policy.is_split(path)
     lead, lead_axes = ((2,), (None,)) if split else ((), ())
-    kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes),
-                        lead + (x.shape[-1], self.features), jnp.float32)
+    kernel_init = nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes)
+    kernel = self.param('kernel', kernel_init, lead + (x.shape[-1], self.features), jnp.float32)
     quant = self.policy.weight_quant(path)
     if quant is not None and _groups(quant, self.features) == 1:
       # One scale per tensor does not depend on the layout: skip the two transposes.
@@ -98,7 +98,8 @@ class QEmbed(nn.Module):
     if self.policy.packed and self.policy.weight_quant(path) is not None:
       return packed_layers.packed_embed(self, ids)
     lead, lead_axes = ((2,), (None,)) if self.policy.is_split(path) else ((), ())
-    table = self.param('embedding', nn.with_logical_partitioning(default_init, lead_axes + self.axes),
-                       lead + (self.num_embeddings, self.features), jnp.float32)
+    table_init = nn.with_logical_partitioning(default_init, lead_axes + self.axes)
+    table = self.param('embedding', table_init, lead + (self.num_embeddings, self.features),
+                       jnp.float32)
     table = quantized_value(self.policy, path, table, self.num_embeddings)
     return jnp.take(table, ids, axis=0).astype(self.dtype)

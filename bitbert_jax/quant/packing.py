@@ -203,14 +203,15 @@ def row_scales(scale, num_groups, rows, cols):
   size = group_size((rows, cols), num_groups)
   if size % cols:
     return None
-  rows_per_group = size // cols
-  return jnp.repeat(scale, rows_per_group, axis=-1, total_repeat_length=rows)
+  # Broadcast + reshape, not jnp.repeat: repeat's index constants get folded slowly by XLA.
+  per = jnp.broadcast_to(scale[..., None], scale.shape + (size // cols,))
+  return per.reshape(*scale.shape[:-1], rows)
 
 
 def element_scales(scale, num_groups, rows, cols):
   """[..., G] group scales -> [..., rows, cols] the scale of every element (any grouping)."""
   size = group_size((rows, cols), num_groups)
-  per = jnp.repeat(scale, size, axis=-1, total_repeat_length=rows * cols)
+  per = jnp.broadcast_to(scale[..., None], scale.shape + (size,))
   return per.reshape(*scale.shape[:-1], rows, cols)
 
 

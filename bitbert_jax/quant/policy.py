@@ -17,7 +17,8 @@ import re
 from bitbert_jax.errors import BitbertError
 
 # Parameter-path patterns (regex, full match) of the reference's quantized weights.
-LINEAR_KERNELS = r'encoder/layer_\d+/(attention/(query|key|value|output)|intermediate|output)/kernel'
+LINEAR_KERNELS = (r'encoder/layer_\d+/'
+                  r'(attention/(query|key|value|output)|intermediate|output)/kernel')
 FFN_OUTPUT_KERNELS = r'encoder/layer_\d+/output/kernel'
 WORD_EMBEDDINGS = r'embeddings/word_embeddings/embedding'
 

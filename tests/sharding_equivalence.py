@@ -1,0 +1,71 @@
+"""Worker for test_sharding: run in a fresh process with 8 forced CPU devices.
+
+Three steps of 1-bit XTC KD (teacher forward + quantized student) on each mesh; prints JSON with
+the losses and a parameter checksum per mesh so the test can compare them with one device.
+"""
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bitbert_jax import sharding, train
+from bitbert_jax.distill import layer_map
+from bitbert_jax.model import BertConfig, BertModel, init_params
+from bitbert_jax.optim import make_optimizer
+from bitbert_jax.quant import policy_from_name
+from bitbert_jax.train_state import new_state, with_policy
+
+
+def run(mesh_sizes):
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  devices = jax.devices()[:int(np.prod(mesh_sizes))]
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_sizes))),
+                            devices)
+  t_cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  t_params = init_params(t_cfg, rng=jax.random.PRNGKey(0))
+  layers = [1, 3]
+  s_params = jax.tree.map(jnp.copy, dict(t_params))  # own buffers: the state is donated
+  s_params['encoder'] = {f'layer_{i}': s_params['encoder'][f'layer_{l}'] for i, l in enumerate(layers)}
+  s_cfg = t_cfg.replace(num_hidden_layers=2)
+  state = with_policy(new_state(s_cfg, s_params, rng=jax.random.PRNGKey(1)), policy_from_name('1-1-8'))
+  teacher = train.Teacher(t_cfg, t_params)
+  tx, _ = make_optimizer(1e-3, 10, 2)
+  objective = train.Objective(('pred', 'attn', 'hidden'), layer_map.from_layers(layers, 4))
+  loss_fn = train.make_loss_fn(state.model, BertModel(t_cfg), objective, False)
+  state = state.replace(opt_state=jax.eval_shape(tx.init, (state.params, state.aux_params)))
+  shardings = train.state_shardings(mesh, state, tx)
+  state = state.replace(opt_state=tx.init((state.params, state.aux_params)))
+  state = jax.device_put(state, shardings)
+  t_params = jax.device_put(t_params, train.param_shardings(mesh, BertModel(t_cfg), t_params))
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in train.BATCH_KEYS}
+  step = jax.jit(train.make_train_step(loss_fn, tx),
+                 in_shardings=(shardings, batch_sh, jax.tree.map(lambda x: x.sharding, t_params)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(3):
+    ids = rng.integers(1, 128, size=(8, 16)).astype(np.int32)
+    mask = np.ones((8, 16), np.int32)
+    mask[::2, 12:] = 0
+    batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
+                 labels=np.zeros(8, np.int32), weights=np.ones(8, np.float32))
+    state, m = step(state, train.device_batch(mesh, batch), t_params)
+    losses.append(float(m['loss']))
+  kernel = state.params['encoder']['layer_0']['attention']['query']['kernel']
+  leaves = jax.tree.leaves(jax.device_get(state.params))
+  return {'losses': losses, 'param_sum': float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves)),
+          'params': [np.asarray(x).ravel()[:64].tolist() for x in leaves],
+          'query_sharding': str(kernel.sharding.spec), 'devices': len(devices)}
+
+
+if __name__ == '__main__':
+  meshes = [tuple(int(v) for v in m.split('x')) for m in sys.argv[1:]]
+  print(json.dumps({'x'.join(map(str, m)): run(m) for m in meshes}))
