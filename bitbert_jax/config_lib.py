@@ -44,7 +44,8 @@ def base_config(args):
   c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, log_every=50, eval_every=0, checkpoint_every_steps=0,
-      checkpoint_every_secs=600.0, keep_checkpoints=2, skip_nonfinite=False))
+      checkpoint_every_secs=600.0, keep_checkpoints=2, skip_nonfinite=False, grad_accum_steps=1,
+      report_memory=True))
   c.export = ml_collections.ConfigDict(dict(packed=True, hf=True, float_dtype='float16'))
   c.stages = ml_collections.ConfigDict()
   c.pipeline = ''
@@ -75,7 +76,7 @@ def apply_preset(c, preset):
   """smoke: seconds, for tests; quick: minutes on a laptop CPU on real data; paper: the recipe."""
   if preset == 'smoke':
     c.task.max_length, c.task.max_train_examples, c.task.max_dev_examples = 32, 64, 32
-    c.train.batch_size, c.train.log_every = 8, 4
+    c.train.batch_size, c.train.log_every, c.train.report_memory = 8, 4, False
   elif preset == 'quick':
     c.task.max_length, c.task.max_train_examples = 128, 1000
     c.train.batch_size, c.train.log_every = 16, 20

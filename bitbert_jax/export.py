@@ -41,7 +41,6 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant import packing
-from bitbert_jax.quant.layers import quantized_value
 from bitbert_jax.quant.packed_layers import CODES_SUFFIX, SCALE_SUFFIX
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.quant.quantizers import quantize_weight
@@ -55,6 +54,7 @@ MANIFEST = 'manifest.json'
 TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'added_tokens.json')
 FLOAT_DTYPES = ('float16', 'float32')
+STATE_SEP = ':'  # '<collection>:<path>' names a non-param variable, e.g. quant_stats ranges
 MAX_OVERHEAD = 0.05  # file bytes over information content; the format promises less
 CODE_MEANING = {
     '1': 'sign bit: 1 -> +1, 0 -> -1 (sign(0) = +1)',
@@ -117,27 +117,38 @@ def _split_biases(flat, policy):
 # Encoding.
 
 
-def _planes(path, value, split):
-  """Latent weight -> float32 [P, rows, cols], output-major for kernels ([in, out] -> [out, in])."""
+def layer_quantized_planes(path, value, quant, split):
+  """The fake-quantized planes a layer computes with, each output-major [rows, cols] float32.
+
+  value: the latent weight ([in, out] kernel or [V, H] table; split: leading axis of 2).
+  Quantizes in the layout the layer does (`packing.quantized_as_stored`), so the values are
+  the layer's bit for bit, then returns them output-major (kernels transposed to [out, in]).
+  """
   w = np.asarray(value, np.float32)
-  w = w if split else w[None]
-  return np.swapaxes(w, -1, -2) if path.endswith('/kernel') else w
+  planes = w if split else w[None]
+  is_kernel = path.endswith('/kernel')
+  rows = planes.shape[-1] if is_kernel else planes.shape[-2]
+  groups = packing.resolve_groups(quant.num_groups, rows)
+  transpose = is_kernel and not packing.quantized_as_stored(groups)
+  out = []
+  for plane in planes:
+    view = plane.T if transpose else plane
+    q = np.asarray(quantize_weight(jnp.asarray(view), quant.bits, groups))
+    q = q.T if transpose else q
+    out.append((q.T, plane.T) if is_kernel else (q, plane))  # output-major (value, latent)
+  return out, groups
 
 
 def encode_weight(path, value, quant, split):
   """One quantized latent weight -> (codes uint8 [P?, rows, row_bytes], scales f32 [P?, G]).
 
   rows x cols is the output-major matrix (kernels [in, out] become [out, in]); P = 2 planes
-  only when split. The codes come from the same `quantize_weight` the fake-quantized model
-  runs, so that code * scale reproduces its weights bit for bit.
+  only when split. code * scale reproduces the layer's quantized weight bit for bit.
   """
-  planes = _planes(path, value, split)
-  rows, cols = planes.shape[1:]
-  groups = packing.resolve_groups(quant.num_groups, rows)
+  planes, groups = layer_quantized_planes(path, value, quant, split)
   codes, scales = [], []
-  for plane in planes:
-    q = np.asarray(quantize_weight(jnp.asarray(plane), quant.bits, groups))
-    c, s = packing.codes_and_scales(q, quant.bits, groups, latent=plane)
+  for q, latent in planes:
+    c, s = packing.codes_and_scales(q, quant.bits, groups, latent=latent)
     codes.append(packing.pack_codes(c, quant.bits))
     scales.append(s)
   codes, scales = np.stack(codes), np.stack(scales)
@@ -152,11 +163,24 @@ def _float_part(path, value, dtype):
   return v.astype(dtype)
 
 
-def packed_tensors(config, params, policy, float_dtype='float16'):
+def state_tensors(model_state):
+  """Non-param collections (e.g. quant_stats, the static activation ranges) as float32 tensors
+  named '<collection>:<path>'."""
+  tensors = {}
+  for collection, tree in (model_state or {}).items():
+    if not tree:
+      continue
+    for path, v in _flat(tree).items():
+      tensors[f'{collection}{STATE_SEP}{path}'] = np.asarray(v, np.float32)
+  return tensors
+
+
+def packed_tensors(config, params, policy, float_dtype='float16', model_state=None):
   """The packed file's tensors and their manifest records.
 
   Returns:
-    (tensors {name: numpy array}, records {name: dict}), names sorted like the param paths.
+    (tensors {name: numpy array}, records {name: dict}), names sorted like the param paths;
+    model_state collections (e.g. quant_stats) are added as float32 '<collection>:<path>'.
   """
   if float_dtype not in FLOAT_DTYPES:
     raise BitbertError(f'float_dtype {float_dtype!r}; valid: {", ".join(FLOAT_DTYPES)}')
@@ -194,6 +218,9 @@ def packed_tensors(config, params, policy, float_dtype='float16'):
     records[scale_name] = {'kind': 'scale', 'dtype': 'float32', 'param': path,
                            'num_groups': groups, 'planes': 2 if split else 1,
                            'codes_tensor': codes_name}
+  for name, v in state_tensors(model_state).items():
+    tensors[name] = v
+    records[name] = {'kind': 'state', 'dtype': 'float32', 'param': name}
   for name, rec in records.items():
     arr = tensors[name]
     rec.update(shape=list(arr.shape), bytes=int(arr.nbytes),
@@ -342,7 +369,7 @@ def _write_json(path, obj):
 
 
 def pack(config, params, policy, out_dir, tokenizer_dir=None, float_dtype='float16',
-         overwrite=False):
+         overwrite=False, model_state=None):
   """Writes the packed low-bit directory of a quantized student (see the module docstring).
 
   Args:
@@ -353,11 +380,13 @@ def pack(config, params, policy, out_dir, tokenizer_dir=None, float_dtype='float
     tokenizer_dir: directory with the tokenizer files to copy, or None.
     float_dtype: 'float16' (default) or 'float32' for the unquantized parameters.
     overwrite: replace an existing out_dir (only once the new one is complete).
+    model_state: the student's non-param collections (e.g. {'quant_stats': ...} with static
+      activation ranges), stored float32; None or {} when there are none.
 
   Returns:
     The absolute out_dir.
   """
-  tensors, records = packed_tensors(config, params, policy, float_dtype)
+  tensors, records = packed_tensors(config, params, policy, float_dtype, model_state)
   tok_files = tokenizer_files(tokenizer_dir)
   out_dir, tmp = _new_tmp_dir(out_dir, overwrite)
   try:
@@ -397,16 +426,14 @@ def dequantized_params(params, policy):
   out = {}
   for path, value in flat.items():
     quant = policy.weight_quant(path)
-    v = jnp.asarray(value, jnp.float32)
+    v = np.asarray(value, np.float32)
     if quant is not None:
-      is_kernel = path.endswith('/kernel')
-      latent = jnp.swapaxes(v, -1, -2) if is_kernel else v
-      rows = latent.shape[-2]
-      q = quantized_value(policy, path, latent, rows)
-      v = jnp.swapaxes(q, -1, -2) if is_kernel else q
+      planes, _ = layer_quantized_planes(path, v, quant, policy.is_split(path))
+      merged = planes[0][0] if len(planes) == 1 else planes[0][0] + planes[1][0]
+      v = merged.T if path.endswith('/kernel') else merged
     elif path in summed:
-      v = v.sum(0)
-    out[path] = np.asarray(v, np.float32)
+      v = v[0] + v[1]
+    out[path] = np.ascontiguousarray(v, np.float32)
   return traverse_util.unflatten_dict(out, sep='/')
 
 
@@ -431,81 +458,112 @@ def export_dequantized_hf(config, params, policy, out_dir, tokenizer_dir=None, o
 def _load_params_msgpack(path):
   with open(path, 'rb') as f:
     try:
-      tree = flax.serialization.msgpack_restore(f.read())
+      return flax.serialization.msgpack_restore(f.read())
     except Exception as e:  # pylint: disable=broad-except
       raise BitbertError(f'{path}: not a readable msgpack parameter file ({e})') from e
-  return tree
 
 
-def _load_params_orbax(path):
+def _load_orbax(path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    return ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+    with ocp.StandardCheckpointer() as c:
+      return jax.tree.map(np.asarray, c.restore(os.path.abspath(path)))
   except Exception as e:  # pylint: disable=broad-except
     raise BitbertError(f'{path}: not a readable Orbax checkpoint ({type(e).__name__}: '
                        f'{str(e)[:300]})') from e
 
 
-def _unwrap_params(tree):
-  """A restored tree -> the params tree ({'params': ...} and train states unwrapped)."""
-  while isinstance(tree, dict) and 'params' in tree and 'encoder' not in tree:
-    tree = tree['params']
-  return tree
+def _stage_output(directory):
+  """The trainer's stage output dir under `directory` (itself, a stage dir, or a workdir)."""
+  for cand in (directory, os.path.join(directory, 'output')):
+    if os.path.isfile(os.path.join(cand, 'stage.json')):
+      return cand
+  stages = os.path.join(directory, 'stages')
+  if os.path.isdir(stages):  # a workdir: its last completed stage
+    done = [os.path.join(stages, d, 'output') for d in sorted(os.listdir(stages))
+            if os.path.isfile(os.path.join(stages, d, 'output', 'stage.json'))]
+    if done:
+      return done[-1]
+  return None
 
 
-def _is_orbax_dir(path):
-  markers = ('_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'checkpoint')
-  return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in markers)
+def _find_tokenizer(directory):
+  cands = [directory, os.path.join(directory, 'tokenizer')]
+  stages = os.path.join(directory, 'stages')
+  if os.path.isdir(stages):  # a workdir: the fine-tuned teacher's HF export carries one
+    cands += [os.path.join(stages, d, 'hf') for d in sorted(os.listdir(stages))]
+  for cand in cands:
+    if any(os.path.isfile(os.path.join(cand, n)) for n in ('vocab.txt', 'tokenizer.json')):
+      return cand
+  return None
+
+
+@dataclasses.dataclass
+class Student:
+  """A trained student as `load_student` reads it."""
+  config: BertConfig
+  params: dict
+  policy: QuantPolicy
+  model_state: dict
+  tokenizer_dir: str | None
 
 
 def load_student(directory):
-  """Reads a trained student: (config, params, policy, tokenizer_dir or None).
+  """Reads a trained student -> Student(config, params, policy, model_state, tokenizer_dir).
 
-  directory holds model_config.json (BertConfig.to_dict(), or a Hugging Face config.json
-  dict), policy.json (QuantPolicy.to_dict()) and the parameters as params.msgpack
-  (flax.serialization) or an Orbax PyTree checkpoint in params/ (or the directory itself).
-  Tokenizer files, if any, are taken from the directory or its tokenizer/ subdirectory.
+  Accepted layouts:
+  * the trainer's stage output (bitbert_jax.pipeline): stage.json (model_config, policy) and
+    an Orbax checkpoint params/ holding {'params', 'model_state'}; `directory` may be that
+    output dir, its stage dir, or a whole workdir (its last completed stage is taken);
+  * model_config.json (BertConfig.to_dict() or a Hugging Face config), policy.json
+    (QuantPolicy.to_dict()) and params.msgpack (flax.serialization; see `save_student`).
+  Tokenizer files are looked up in the directory, its tokenizer/ subdirectory and, in a
+  workdir, the fine-tuned teacher's stages/*/hf export.
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise BitbertError(f'checkpoint {directory}: no such directory')
   listing = ', '.join(sorted(os.listdir(directory))) or '(empty)'
-  cfg = _read_json(os.path.join(directory, 'model_config.json'))
+  stage = _stage_output(directory)
+  if stage is not None:
+    info = _read_json(os.path.join(stage, 'stage.json'))
+    if 'model_config' not in info or 'policy' not in info:
+      raise BitbertError(f'{stage}/stage.json: lacks model_config or policy')
+    cfg, pol = info['model_config'], info['policy']
+    tree = _load_orbax(os.path.join(stage, 'params'))
+    params, model_state = tree.get('params'), tree.get('model_state') or {}
+    source = stage
+  elif os.path.isfile(os.path.join(directory, 'params.msgpack')):
+    cfg = _read_json(os.path.join(directory, 'model_config.json'))
+    pol = _read_json(os.path.join(directory, 'policy.json'))
+    tree = _load_params_msgpack(os.path.join(directory, 'params.msgpack'))
+    params, model_state = tree.get('params', tree), tree.get('model_state') or {}
+    source = directory
+  else:
+    raise BitbertError(f'checkpoint {directory}: neither a trainer stage output (stage.json + '
+                       f'params/) nor model_config.json + policy.json + params.msgpack; files '
+                       f'there: {listing}')
   if 'id2label' in cfg and 'num_labels' not in cfg:
-    config = BertConfig.from_hf_dict(cfg, source=os.path.join(directory, 'model_config.json'))
+    config = BertConfig.from_hf_dict(cfg, source=f'{source} model config')
   else:
     config = BertConfig.from_dict(cfg)
   try:
-    policy = QuantPolicy.from_dict(_read_json(os.path.join(directory, 'policy.json')))
-  except (TypeError, KeyError) as e:
-    raise BitbertError(f'{directory}/policy.json: not a QuantPolicy ({e})') from e
-  msgpack = os.path.join(directory, 'params.msgpack')
-  if os.path.isfile(msgpack):
-    params = _load_params_msgpack(msgpack)
-  elif _is_orbax_dir(os.path.join(directory, 'params')):
-    params = _load_params_orbax(os.path.join(directory, 'params'))
-  elif _is_orbax_dir(directory):
-    params = _load_params_orbax(directory)
-  else:
-    raise BitbertError(f'checkpoint {directory}: no params.msgpack or Orbax checkpoint '
-                       f'(params/); files there: {listing}')
-  params = _unwrap_params(params)
-  check_params(config, params, policy, what=f'checkpoint {directory}')
-  tokenizer_dir = None
-  for cand in (directory, os.path.join(directory, 'tokenizer')):
-    if any(os.path.isfile(os.path.join(cand, n)) for n in ('vocab.txt', 'tokenizer.json')):
-      tokenizer_dir = cand
-      break
-  return config, params, policy, tokenizer_dir
+    policy = QuantPolicy.from_dict(pol)
+  except (TypeError, KeyError, ValueError) as e:
+    raise BitbertError(f'{source}: policy is not a QuantPolicy dict ({e})') from e
+  if params is None:
+    raise BitbertError(f'{source}: the checkpoint holds no params')
+  check_params(config, params, policy, what=f'checkpoint {source}')
+  return Student(config, params, policy, model_state, _find_tokenizer(directory))
 
 
-def save_student(directory, config, params, policy):
-  """Writes the directory `load_student` reads (params.msgpack); for tests and tools."""
+def save_student(directory, config, params, policy, model_state=None):
+  """Writes the msgpack layout `load_student` reads; for tests and tools."""
   os.makedirs(directory, exist_ok=True)
   _write_json(os.path.join(directory, 'model_config.json'), config.to_dict())
   _write_json(os.path.join(directory, 'policy.json'), policy.to_dict())
-  host = jax.tree.map(np.asarray, flax.core.unfreeze(params) if isinstance(
-      params, flax.core.FrozenDict) else params)
+  tree = {'params': params, 'model_state': model_state or {}}
+  host = jax.tree.map(np.asarray, flax.core.unfreeze(tree))
   with open(os.path.join(directory, 'params.msgpack'), 'wb') as f:
     f.write(flax.serialization.msgpack_serialize(host))
 
@@ -527,8 +585,8 @@ def main(argv=None):
       prog='python -m bitbert_jax.export',
       description='Write the packed low-bit directory of a trained student.')
   parser.add_argument('--checkpoint', required=True,
-                      help='student directory: model_config.json, policy.json, params.msgpack '
-                           'or Orbax params/')
+                      help='trainer workdir, stage dir or stage output (stage.json + params/), '
+                           'or a directory with model_config.json, policy.json, params.msgpack')
   parser.add_argument('--out', required=True, help='packed directory to create')
   parser.add_argument('--tokenizer_dir', default=None,
                       help='tokenizer files to copy (default: from the checkpoint, if present)')
@@ -538,14 +596,19 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
   try:
-    config, params, policy, tok = load_student(args.checkpoint)
-    tok = args.tokenizer_dir or tok
-    out = pack(config, params, policy, args.out, tokenizer_dir=tok,
-               float_dtype=args.float_dtype, overwrite=args.overwrite)
+    s = load_student(args.checkpoint)
+    tok = args.tokenizer_dir or s.tokenizer_dir
+    if tok is None:
+      print('warning: no tokenizer files found; pass --tokenizer_dir so that '
+            '`python -m bitbert_jax.predict` can tokenize text', file=sys.stderr)
+    out = pack(s.config, s.params, s.policy, args.out, tokenizer_dir=tok,
+               float_dtype=args.float_dtype, overwrite=args.overwrite, model_state=s.model_state)
     print(f'wrote {out}')
     print(_format_report(size_report(out)))
     if args.hf_out:
-      print(f'wrote {export_dequantized_hf(config, params, policy, args.hf_out, tok, args.overwrite)}')
+      hf_dir = export_dequantized_hf(s.config, s.params, s.policy, args.hf_out, tok,
+                                     args.overwrite)
+      print(f'wrote {hf_dir} (dequantized float32; no activation quantization)')
   except BitbertError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

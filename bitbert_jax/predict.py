@@ -41,12 +41,14 @@ class PackedModel:
   """A loaded packed directory.
 
   params: nested dict of jax arrays as stored: `*_codes` uint8, `*_scale` float32, the rest
-    float16 (or float32). policy: the student's policy with packed=True.
+    float16 (or float32). state: non-param collections (e.g. quant_stats), possibly empty.
+    policy: the student's policy with packed=True.
   tokenizer: a transformers fast tokenizer, or None when the directory has no tokenizer files.
   """
   config: BertConfig
   policy: QuantPolicy
   params: Any
+  state: Any
   tokenizer: Any
   manifest: dict
   directory: str
@@ -60,11 +62,15 @@ class PackedModel:
   @functools.cached_property
   def _logits_fn(self):
     model = BertModel(self.config, self.policy)
-    return jax.jit(lambda p, ids, mask, types: model.apply({'params': p}, ids, mask, types).logits)
+    return jax.jit(lambda v, ids, mask, types: model.apply(v, ids, mask, types).logits)
+
+  @property
+  def variables(self):
+    return {'params': self.params, **self.state}
 
   def logits(self, input_ids, attention_mask, token_type_ids):
     """[B, S] int arrays -> float32 logits [B, C] (jitted; one compile per shape)."""
-    return self._logits_fn(self.params, input_ids, attention_mask, token_type_ids)
+    return self._logits_fn(self.variables, input_ids, attention_mask, token_type_ids)
 
 
 def _expected(config, policy):
@@ -130,10 +136,15 @@ def load_packed(directory, verify=True):
     tensors = load_file(weights)
   except Exception as e:  # pylint: disable=broad-except
     raise BitbertError(f'{weights}: unreadable safetensors file ({type(e).__name__}: {e})') from e
+  state = {}
+  for name in [n for n in tensors if export.STATE_SEP in n]:
+    collection, path = name.split(export.STATE_SEP, 1)
+    state.setdefault(collection, {})[path] = jnp.asarray(tensors.pop(name))
+  state = {c: traverse_util.unflatten_dict(t, sep='/') for c, t in state.items()}
   _check_tensors(directory, tensors, config, policy)
   params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep='/')
-  return PackedModel(config, policy, params, _load_tokenizer(directory, manifest), manifest,
-                     directory)
+  return PackedModel(config, policy, params, state, _load_tokenizer(directory, manifest),
+                     manifest, directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.quant import packing
 from bitbert_jax.quant import quantizers
 
 
@@ -154,8 +155,9 @@ def split_params(params, policy):
 
   Returns:
     (binary_params, binary_policy). For every parameter under a 2-bit rule: a kernel [in, out]
-    is split output-major (its rows are output rows, so 'row' groups are per output) and
-    stacked to [2, in, out]; its layer's bias [out] becomes [b/2, b/2] ([2, out]); a word
+    is split in the layout its layer quantizes (output-major [out, in] when it has several
+    groups, so that 'row' groups are output rows; as stored with one group) and stacked to
+    [2, in, out]; its layer's bias [out] becomes [b/2, b/2] ([2, out]); a word
     embedding table [V, H] is split per its rule (one group per row) into [2, V, H]. Parameters
     under a 1-bit rule, which the split policy also reads with a leading axis of 2, become
     [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly; their bias likewise). Everything else is
@@ -174,22 +176,21 @@ def split_params(params, policy):
                          f'and embedding tables can be split')
     _check_matrix(path, value)
     w = np.asarray(value, np.float32)
-    if leaf == 'kernel':
-      wt = w.T  # output-major [out, in], the orientation the quantizer groups
-      groups = _num_groups(quant, wt.shape[0])
-      halves = split_ternary(wt, groups) if quant.bits == 2 else (wt / 2, wt / 2)
-      out[path] = jnp.asarray(np.stack([h.T for h in halves]))
-      bias_path = f'{module}/bias'
-      if bias_path in flat:
-        bias = np.asarray(flat[bias_path], np.float32)
-        if bias.shape != (w.shape[1],):
-          raise BitbertError(f'split_params: {bias_path} has shape {list(bias.shape)}; expected '
-                             f'[{w.shape[1]}] for kernel {path} {list(w.shape)}')
-        out[bias_path] = jnp.asarray(np.stack([bias / 2, bias / 2]))
-    else:
-      groups = _num_groups(quant, w.shape[0])
-      halves = split_ternary(w, groups) if quant.bits == 2 else (w / 2, w / 2)
-      out[path] = jnp.asarray(np.stack(halves))
+    groups = packing.resolve_groups(quant.num_groups, w.shape[1] if leaf == 'kernel' else
+                                    w.shape[0])
+    # Split in the layout the layer quantizes (see packing.quantized_as_stored): the ternary
+    # mask and alpha must be the ones the trained model computes, bit for bit.
+    transpose = leaf == 'kernel' and not packing.quantized_as_stored(groups)
+    view = w.T if transpose else w
+    halves = split_ternary(view, groups) if quant.bits == 2 else (view / 2, view / 2)
+    out[path] = jnp.asarray(np.stack([h.T if transpose else h for h in halves]))
+    bias_path = f'{module}/bias'
+    if leaf == 'kernel' and bias_path in flat:
+      bias = np.asarray(flat[bias_path], np.float32)
+      if bias.shape != (w.shape[1],):
+        raise BitbertError(f'split_params: {bias_path} has shape {list(bias.shape)}; expected '
+                           f'[{w.shape[1]}] for kernel {path} {list(w.shape)}')
+      out[bias_path] = jnp.asarray(np.stack([bias / 2, bias / 2]))
     if quant.bits == 2:
       matched.append(path)
   if not matched:
@@ -197,8 +198,3 @@ def split_params(params, policy):
     raise BitbertError(f'split_params: no parameter matches the 2-bit rule(s) {rules}; '
                        f'parameters: {", ".join(sorted(flat)[:8])}, ...')
   return traverse_util.unflatten_dict(out, sep='/'), binary_policy_for(policy)
-
-
-def _num_groups(quant, rows):
-  """A WeightQuant's num_groups as an int for a matrix with `rows` output rows."""
-  return rows if quant.num_groups == 'row' else int(quant.num_groups)

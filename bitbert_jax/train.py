@@ -108,6 +108,8 @@ class Settings:
   checkpoint_every_secs: float = 600.0
   keep_checkpoints: int = 2
   skip_nonfinite: bool = False
+  grad_accum_steps: int = 1  # micro-batches per optimiser update
+  report_memory: bool = True  # ahead-of-time compile and log the step's memory before training
   field: str = 'config'
 
 
@@ -261,8 +263,13 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
   total = (settings.max_steps if settings.max_steps > 0
            else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
   warmup = settings.warmup * total if settings.warmup < 1 else settings.warmup * steps_per_epoch
-  tx, schedule = make_optimizer(settings.lr, total, int(warmup), settings.weight_decay,
-                                settings.clip_norm, field=settings.field)
+  accum = settings.grad_accum_steps
+  if accum < 1:
+    raise BitbertError(f'{settings.field}.grad_accum_steps={accum}: must be >= 1')
+  tx, schedule = make_optimizer(settings.lr, max(total // accum, 1), int(warmup) // accum,
+                                settings.weight_decay, settings.clip_norm, field=settings.field)
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
 
   state = state.replace(step=jnp.zeros((), jnp.int32))
   teacher_model = BertModel(teacher.config) if teacher is not None else None
@@ -291,6 +298,9 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
   t_sh = jax.tree.map(lambda x: x.sharding, teacher_params) if teacher_params else None
   step_fn = jax.jit(make_train_step(loss_fn, tx), in_shardings=(shardings, batch_sh, t_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  if settings.report_memory:
+    report_step_memory(step_fn, state, batches, mesh, teacher_params, name)
 
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'),
                                     settings.keep_checkpoints, settings.checkpoint_every_steps,
@@ -338,7 +348,7 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
           nonfinite_skipped += 1
         if step % settings.log_every == 0 or step == total:
           m = {k: float(v) for k, v in m.items()}
-          m.update(lr=float(schedule(step - 1)), nonfinite_skipped=nonfinite_skipped)
+          m.update(lr=float(schedule((step - 1) // accum)), nonfinite_skipped=nonfinite_skipped)
           writer.write(name, step, m)
           log.info(progress.line(step, {k: m[k] for k in m if k not in ('nonfinite',)}))
         if can_eval and (step % eval_every == 0 or step == total):
@@ -370,6 +380,31 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
     last_evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
                           settings.batch_size, mesh)
   return state, last_evals
+
+
+def report_step_memory(step_fn, state, batches, mesh, teacher_params, name):
+  """Compiles the step ahead of time for the longest bucket and logs its memory needs."""
+  first = next(iter(batches.epoch(0)))
+  s_max = first['input_ids'].shape[1]
+  if hasattr(batches, 'encoded'):
+    s_max = max(batching.default_bucket_lengths(batches.encoded.max_length))
+  pad = lambda a: np.zeros(a.shape[:1] + (s_max,) + a.shape[2:], a.dtype) if a.ndim == 2 else a
+  shapes = device_batch(mesh, {k: pad(np.asarray(v)) for k, v in first.items()})
+  try:
+    stats = step_fn.lower(state, shapes, teacher_params).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    log.info('[%s] memory analysis unavailable: %s', name, e)
+    return None
+  if stats is None:
+    return None
+  mib = lambda b: b / 2**20
+  report = dict(arguments_mib=mib(stats.argument_size_in_bytes),
+                outputs_mib=mib(stats.output_size_in_bytes),
+                temporaries_mib=mib(stats.temp_size_in_bytes),
+                generated_code_mib=mib(stats.generated_code_size_in_bytes))
+  log.info('[%s] step memory at sequence %d (per device): %s', name, s_max,
+           ', '.join(f'{k} {v:.1f}' for k, v in report.items()))
+  return report
 
 
 def _main_thread():

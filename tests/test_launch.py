@@ -3,6 +3,7 @@ launchers parse and print the right commands under DRY_RUN=1, and the pod launch
 VM when a step fails."""
 import importlib.util
 import json
+import linecache
 import os
 import re
 import subprocess
@@ -100,15 +101,14 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_bert, tmp_path, monkeypatch):
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setattr(sys, 'path', list(sys.path))  # the notebook adds REPO_DIR to it
   workdir = str(tmp_path / 'run')
-  overrides = {}
-  if importlib.util.find_spec('bitbert_jax.export') is None:
-    overrides['export.packed'] = False  # packed export not in this checkout yet
   params = (f'PRESET = "smoke"\nTASK = "mrpc"\nREPO_DIR = {REPO!r}\nWORKDIR = {workdir!r}\n'
-            f'PRETRAINED = {tiny_bert!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {overrides!r}\n')
+            f'PRETRAINED = {tiny_bert!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {{}}\n')
 
   ns = {'__name__': '__notebook__'}
-  for src, tags in _code_cells(nbformat.read(NOTEBOOK, as_version=4)):
-    exec(compile(src, NOTEBOOK, 'exec'), ns)  # pylint: disable=exec-used
+  for i, (src, tags) in enumerate(_code_cells(nbformat.read(NOTEBOOK, as_version=4))):
+    name = f'<colab.ipynb code cell {i}>'  # tracebacks show the cell's own lines
+    linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+    exec(compile(src, name, 'exec'), ns)  # pylint: disable=exec-used
     if 'parameters' in tags:
       exec(params, ns)  # pylint: disable=exec-used
 
@@ -117,6 +117,8 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_bert, tmp_path, monkeypatch):
     results = json.load(f)
   assert results['task'] == 'mrpc'
   assert 0.0 <= results['final']['dev']['score'] <= 1.0
+  if ns['config'].export.packed:  # the quantized student, packed to 1-bit codes
+    assert 'packed' in results and os.path.isdir(os.path.join(workdir, 'packed'))
   names = ns['config'].pipeline.split(',')
   assert list(results['stages']) == names
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -56,4 +56,4 @@ def test_three_xtc_steps_match_single_device(runs, mesh):
 
 
 def test_parameters_are_really_sharded(runs):
-  assert runs['1x1x8']['query_sharding'] == "PartitionSpec('fsdp', 'tensor')"
+  assert runs['1x1x8']['query_sharding'].endswith("('fsdp', 'tensor')")

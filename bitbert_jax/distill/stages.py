@@ -52,6 +52,7 @@ def settings(ctx):
       checkpoint_every_steps=c.train.checkpoint_every_steps,
       checkpoint_every_secs=c.train.checkpoint_every_secs,
       keep_checkpoints=c.train.keep_checkpoints, skip_nonfinite=c.train.skip_nonfinite,
+      grad_accum_steps=c.train.grad_accum_steps, report_memory=c.train.report_memory,
       field=f'config.stages.{ctx.name}')
 
 

@@ -56,7 +56,7 @@ def _packed_vars(module, name, quant, rows, cols):
 
 def integer_path(act):
   """Whether activations become per-token int8 codes (dynamic symmetric, 2..8 bits)."""
-  return act.mode == 'dynamic' and 2 <= act.bits <= 8
+  return act is not None and act.mode == 'dynamic' and 2 <= act.bits <= 8
 
 
 def token_codes(x, bits):
@@ -92,17 +92,18 @@ def dequantized(codes, scale, bits, groups, rows, cols):
 
 def packed_dense(module, x):
   """QDense body from packed codes. x: [..., in] -> [..., features] in module.dtype."""
-  policy = module.policy
-  quant = policy.weight_quant(_path(module, 'kernel'))
+  path = _path(module, 'kernel')
+  quant = module.policy.weight_quant(path)
+  act = module.policy.input_quant(path)
   rows, cols = module.features, x.shape[-1]
   codes, scale, groups = _packed_vars(module, 'kernel', quant, rows, cols)
   row_scale = packing.row_scales(scale, groups, rows, cols)
-  if integer_path(policy.act) and row_scale is not None:
+  if integer_path(act) and row_scale is not None:
     w = packing.jnp_unpack_codes(codes, quant.bits, cols)  # int8 [P, rows, cols]
-    y = int_matmul(x, w, row_scale, policy.act.bits).astype(module.dtype)
+    y = int_matmul(x, w, row_scale, act.bits).astype(module.dtype)
   else:
     kernel = dequantized(codes, scale, quant.bits, groups, rows, cols)
-    x = activations.quantize_input(module, x, policy.act)
+    x = activations.quantize_input(module, x, act, getattr(module, 'nonnegative_input', False))
     y = jnp.dot(x.astype(module.dtype), kernel.T.astype(module.dtype))
   if module.use_bias:
     bias = module.param('bias', nn.initializers.zeros_init(), (rows,), jnp.float32)

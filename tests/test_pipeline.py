@@ -1,0 +1,103 @@
+"""End to end through the CLI's own `run`: the XTC pipeline on a tiny teacher and real MRPC."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bitbert_jax import config_lib, pipeline
+from bitbert_jax.errors import BitbertError
+from bitbert_jax.main import run
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def load_config(name, arg):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='module')
+def xtc_run(tmp_path_factory, tiny_pretrained, glue):
+  config = load_config('xtc', f'preset=smoke,pretrained={tiny_pretrained},layers=1')
+  config.task.glue_dir = glue
+  workdir = str(tmp_path_factory.mktemp('xtc'))
+  return config, workdir, run(config, workdir)
+
+
+def test_xtc_writes_results_for_every_stage(xtc_run):
+  _, workdir, results = xtc_run
+  assert list(results['stages']) == ['finetune', 'reduce', 'quantize', 'kd_1bit']
+  assert results['stages']['kd_1bit']['policy'] == '1-1-8'
+  dev = results['final']['dev']['validation']
+  assert 0.0 <= dev['accuracy'] <= 1.0 and 'f1' in dev
+  assert results['final']['model_config']['num_hidden_layers'] == 1
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['task'] == 'mrpc'
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert {r['stage'] for r in rows} >= {'finetune', 'kd_1bit'}
+  kd = [r for r in rows if r['stage'] == 'kd_1bit' and 'loss' in r]
+  assert all(k in kd[0] for k in ('pred', 'attn', 'hidden', 'grad_norm', 'lr'))
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_teacher_is_exported_for_transformers(xtc_run):
+  _, workdir, _ = xtc_run
+  from bitbert_jax import hf
+  cfg, params = hf.load_hf_checkpoint(os.path.join(workdir, 'stages', '00_finetune', 'hf'))
+  assert cfg.num_labels == 2 and cfg.label_names == ('not_equivalent', 'equivalent')
+  state, info = pipeline.load_stage_output(os.path.join(workdir, 'stages', '00_finetune'))
+  np.testing.assert_array_equal(params['classifier']['kernel'], state.params['classifier']['kernel'])
+
+
+def test_student_is_reduced_teacher_then_quantized(xtc_run):
+  _, workdir, _ = xtc_run
+  teacher, _ = pipeline.load_stage_output(os.path.join(workdir, 'stages', '00_finetune'))
+  reduced, info = pipeline.load_stage_output(os.path.join(workdir, 'stages', '01_reduce'))
+  assert info['student_layers'] == [1]
+  np.testing.assert_array_equal(reduced.params['encoder']['layer_0']['output']['kernel'],
+                                teacher.params['encoder']['layer_1']['output']['kernel'])
+  final, _ = pipeline.load_stage_output(os.path.join(workdir, 'stages', '03_kd_1bit'))
+  assert final.policy.name == '1-1-8'
+  assert not np.array_equal(final.params['encoder']['layer_0']['output']['kernel'],
+                            reduced.params['encoder']['layer_0']['output']['kernel'])
+
+
+def test_rerun_skips_completed_stages(xtc_run, monkeypatch):
+  config, workdir, first = xtc_run
+  called = []
+  monkeypatch.setattr('bitbert_jax.train.train', lambda *a, **k: called.append(1))
+  again = run(config, workdir)
+  assert not called
+  assert again['final']['dev'] == first['final']['dev']
+
+
+def test_unknown_stage_and_kind_are_refused():
+  c = load_config('xtc', 'preset=smoke')
+  c.pipeline = 'finetune,nosuch'
+  with pytest.raises(BitbertError, match="'nosuch'.*defined: finetune"):
+    pipeline.pipeline_stages(c)
+  c = load_config('xtc', 'preset=smoke')
+  c.stages.reduce.kind = 'shrink'
+  with pytest.raises(BitbertError, match="kind='shrink'.*valid: finetune"):
+    pipeline.pipeline_stages(c)
+
+
+@pytest.mark.parametrize('arg,needle', [('preset=fast', 'valid: smoke, quick, paper'),
+                                        ('nosuch=1', 'key=value with key in'),
+                                        ('task', 'key=value')])
+def test_config_arguments_are_checked(arg, needle):
+  with pytest.raises(BitbertError, match=needle):
+    load_config('xtc', arg)
+
+
+def test_every_config_builds_and_names_known_stages():
+  for name in ('finetune', 'xtc', 'multistage'):
+    for preset in config_lib.PRESETS:
+      c = load_config(name, f'preset={preset}')
+      assert pipeline.pipeline_stages(c)
