@@ -21,9 +21,11 @@ position and token-type embeddings are gathers, not matmuls, and count 0. XLA's 
 (`compiled.cost_analysis()['flops']`, which includes elementwise work) is printed next to it.
 
 MFU = (model FLOPs / step time) / peak, where the peak is measured in the same run: the best of
---peak_reps n x n x n matmuls (n = --peak_size) on the same backend and dtype. The torch columns
-divide by torch's own matmul peak, measured the same way. Timing: compilation and --warmup steps
-excluded, median of --steps_timed steps, each waited for (`jax.block_until_ready`).
+--peak_reps n x n x n matmuls (n = --peak_size) in the same dtype, under jax.jit on the same
+backend and, when the torch route runs, with torch.mm too; both MFU columns divide by the larger
+of the two (what the hardware can do, whichever library reaches it), and both are printed.
+Timing: compilation and --warmup steps excluded, median of --steps_timed steps, each waited for
+(`jax.block_until_ready`; torch on CPU is synchronous).
 
 A script, not a test. Quick check, then the full measurement on a quiet machine:
 
@@ -165,7 +167,8 @@ def _student_and_teacher(cfg, kind):
   """(state without optimizer, objective, teacher model, teacher params) for a step kind."""
   params = init_params(cfg, rng=jax.random.PRNGKey(0))
   if kind == 'ft':
-    return new_state(cfg, params, rng=jax.random.PRNGKey(1)), train.Objective(('label',)), None, None
+    state = new_state(cfg, params, rng=jax.random.PRNGKey(1))
+    return state, train.Objective(('label',)), None, None
   # XTC: the student starts as a copy of the teacher (own buffers: the state is donated).
   state = with_policy(new_state(cfg, jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(1)),
                       policy_from_name('1-1-8'))
@@ -263,18 +266,18 @@ def _fmt(value, spec):
   return '-' if value is None else format(value, spec)
 
 
-def table_row(model, kind, dtype, batch, flops, peaks, jax_m, torch_m, seq):
-  tokens = batch * seq
-  jax_peak, torch_peak = peaks
-  jtps = tokens / jax_m['seconds'] if jax_m else None
-  ttps = tokens / torch_m['seconds'] if torch_m else None
-  cells = (model, STEP_NAMES[kind], dtype, str(batch), _fmt(jtps, ',.0f'),
-           _fmt(jtps and flops * jtps / tokens / jax_peak, '.1%'),
-           _fmt(ttps, ',.0f'),
-           _fmt(ttps and torch_peak and flops * ttps / tokens / torch_peak, '.1%'),
-           _fmt(jtps and ttps and jtps / ttps, '.2f'),
-           _fmt(jax_peak / 1e9, '.1f'), _fmt(flops / 1e9, '.1f'),
-           _fmt(jax_m and jax_m['xla_flops'] and jax_m['xla_flops'] / 1e9, '.1f'),
+def table_row(model, kind, dtype, batch, seq, flops, peaks, jax_m, torch_m):
+  """One markdown row; peaks: (jax, torch or None) FLOP/s, the larger divides both MFUs."""
+  peak = max(p for p in peaks if p)
+  tokens_per_s = lambda m: m and batch * seq / m['seconds']
+  mfu = lambda m: m and flops / m['seconds'] / peak
+  jtps, ttps = tokens_per_s(jax_m), tokens_per_s(torch_m)
+  xla_flops = jax_m and jax_m['xla_flops']
+  cells = (model, STEP_NAMES[kind], dtype, str(batch),
+           _fmt(jtps, ',.0f'), _fmt(mfu(jax_m), '.1%'),
+           _fmt(ttps, ',.0f'), _fmt(mfu(torch_m), '.1%'),
+           _fmt(jtps and ttps and jtps / ttps, '.2f'), _fmt(peak / 1e9, '.1f'),
+           _fmt(flops / 1e9, '.1f'), _fmt(xla_flops and xla_flops / 1e9, '.1f'),
            _fmt(jax_m and jax_m['compile_s'], '.1f'))
   return '| ' + ' | '.join(cells) + ' |'
 
@@ -308,8 +311,8 @@ def main():
                                                                    ('torch', torch_m)) if m)
         print(f'[{model} {kind} {dtype} batch {batch_size}] {losses}', file=sys.stderr,
               flush=True)
-        rows.append(table_row(model, kind, dtype, batch_size, flops, peaks[dtype], jax_m, torch_m,
-                              args.seq))
+        rows.append(table_row(model, kind, dtype, batch_size, args.seq, flops, peaks[dtype], jax_m,
+                              torch_m))
   print(header(args, peaks))
   print()
   print('| ' + ' | '.join(COLUMNS) + ' |')

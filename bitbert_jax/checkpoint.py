@@ -1,17 +1,27 @@
 """Orbax checkpoints of a stage: periodic (steps and wall time), last N kept, damage detected.
 
 A checkpoint holds the whole TrainState pytree plus the best-on-dev parameters, and a JSON
-part with the stage's bookkeeping (best score, step); a damaged latest one falls back to the
-previous one with a warning that names what was wrong.
+part with the stage's bookkeeping (step, best score, last evals, skipped batches). Orbax writes
+each step into a temporary directory and renames it, so a kill mid-save leaves no partial step;
+a manifest of every file's size and CRC-32 then catches later damage (truncation, deletion, bit
+rot), which Orbax alone may restore silently. A damaged latest checkpoint is deleted with a
+warning that names what was wrong, and the previous one is used.
 """
+import json
 import logging
 import os
+import shutil
 import time
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
 
+from bitbert_jax.errors import BitbertError
+
 log = logging.getLogger('bitbert_jax')
+MANIFEST = 'bitbert_manifest.json'
+_CHUNK = 1 << 22
 
 
 def abstract_like(tree, shardings=None):
@@ -22,15 +32,79 @@ def abstract_like(tree, shardings=None):
                       tree, shardings)
 
 
+def _crc32(path):
+  crc = 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(_CHUNK):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def _files(directory):
+  """Relative paths of the files under `directory`, the manifest itself excluded."""
+  out = []
+  for root, _, names in os.walk(directory):
+    for n in names:
+      rel = os.path.relpath(os.path.join(root, n), directory)
+      if rel != MANIFEST:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_manifest(directory):
+  """Records size and CRC-32 of every file under `directory` (written atomically)."""
+  files = {rel: [os.path.getsize(os.path.join(directory, rel)),
+                 _crc32(os.path.join(directory, rel))] for rel in _files(directory)}
+  path = os.path.join(directory, MANIFEST)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'files': files}, f, indent=1, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def verify_manifest(directory):
+  """None if every file matches the manifest, else what is wrong (one line).
+
+  A directory without a manifest (killed between the save and the manifest) passes: the save
+  itself is atomic, and a restore error still counts as damage.
+  """
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.isdir(directory):
+    return f'{directory} is missing'
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      files = json.load(f)['files']
+  except (OSError, ValueError, KeyError) as e:
+    return f'{path}: unreadable manifest ({type(e).__name__}: {e})'
+  for rel, (size, crc) in sorted(files.items()):
+    file = os.path.join(directory, rel)
+    if not os.path.isfile(file):
+      return f'file {file} is missing'
+    actual = os.path.getsize(file)
+    if actual != size:
+      return f'file {file} has {actual} bytes, expected {size} (truncated or overwritten)'
+    if _crc32(file) != crc:
+      return f'file {file} has a wrong CRC-32 (its content changed since it was written)'
+  return None
+
+
 class StageCheckpoints:
   """Checkpoints under `directory`; `every_steps`/`every_secs` = 0 disables that trigger."""
 
   def __init__(self, directory, keep=2, every_steps=0, every_secs=0.0):
+    if keep < 1:
+      raise BitbertError(f'config.train.keep_checkpoints={keep}: must be >= 1')
     self.directory = os.path.abspath(directory)
     self.every_steps, self.every_secs = every_steps, every_secs
     self._last_time = time.time()
+    # cleanup_tmp_directories: a save killed midway leaves an Orbax temp dir; remove it.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
 
   def due(self, step):
     by_steps = self.every_steps and step % self.every_steps == 0
@@ -38,24 +112,66 @@ class StageCheckpoints:
     return bool(by_steps or by_time)
 
   def save(self, step, tree, meta):
+    """Saves `tree` and the JSON `meta` at `step`, unless that step is already saved."""
+    if step in self._manager.all_steps():
+      return False
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()  # a checkpoint must be whole before training moves on
+    if jax.process_index() == 0:
+      write_manifest(self._step_dir(step))
     self._last_time = time.time()
+    return True
 
-  def restore_latest(self, abstract_tree):
-    """(tree, meta) of the newest readable checkpoint, or None; damaged ones are skipped."""
+  def _step_dir(self, step):
+    return os.path.join(self.directory, str(step))
+
+  def restore_latest(self, abstract_tree, check_meta=None):
+    """(tree, meta) of the newest intact checkpoint, or None.
+
+    A damaged one (a file missing, truncated or changed; unreadable) is deleted with a warning
+    naming the problem, and the previous one is tried. `check_meta(meta, where)` may raise a
+    BitbertError when an intact checkpoint does not belong to this run's settings.
+    """
     for step in sorted(self._manager.all_steps(), reverse=True):
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning('checkpoint %s is damaged (%s: %s); falling back to the previous one',
-                    os.path.join(self.directory, str(step)), type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else '')
+      where = self._step_dir(step)
+      problem = verify_manifest(where)
+      if problem is None:
+        try:
+          meta = self._manager.restore(step, args=ocp.args.Composite(
+              meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f'unreadable bookkeeping ({_one_line(e)})'
+      if problem is None:
+        if check_meta is not None:
+          check_meta(meta, where)
+        try:
+          restored = self._manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()))
+          return restored.state, restored.meta
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f'unreadable arrays ({_one_line(e)})'
+      self._discard(step, problem)
     return None
+
+  def _discard(self, step, problem):
+    """Deletes a damaged step, so training can write that step again."""
+    previous = [s for s in self._manager.all_steps() if s < step]
+    then = f'using step {max(previous)} instead' if previous else 'no older one: starting over'
+    log.warning('checkpoint %s is damaged: %s; deleting it and %s', self._step_dir(step),
+                problem, then)
+    try:
+      self._manager.delete(step)  # every process calls it; Orbax deletes on the primary one
+    except Exception:  # pylint: disable=broad-except
+      if jax.process_index() == 0:
+        shutil.rmtree(self._step_dir(step), ignore_errors=True)
+    self._manager.reload()
 
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _one_line(e):
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:300] if text else ""}'

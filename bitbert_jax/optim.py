@@ -6,10 +6,12 @@ from bitbert_jax.errors import BitbertError
 
 
 def _decay_mask(params):
-  # BERT convention: no weight decay on biases and LayerNorm parameters.
+  # BERT convention: no weight decay on biases and LayerNorm parameters; none on learned
+  # activation-quantizer scales either (decay would shrink the quantization range).
   def decays(path, _):
-    names = [getattr(k, 'key', str(k)) for k in path]
-    return not (names[-1] in ('bias', 'scale') or any('LayerNorm' in n for n in names))
+    names = [str(getattr(k, 'key', k)) for k in path]
+    return not (names[-1] in ('bias', 'scale') or names[-1].startswith('act_') or
+                any('LayerNorm' in n for n in names))
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
