@@ -61,7 +61,8 @@ SHAPES = {
     'base': dict(layers=12, hidden=768, heads=12, ffn=3072, batch=16),
 }
 STEPS = ('ft', 'kd')
-STEP_NAMES = {'ft': 'FP32 fine-tune', 'kd': '1-1-8 XTC KD'}
+STEP_NAMES = {'ft': 'fine-tune', 'kd': '1-1-8 XTC KD'}
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'neon', 'sve')  # bf16 speed hangs on them
 ROUTES = ('jax', 'torch')
 DTYPES = ('float32', 'bfloat16')
 
@@ -100,6 +101,8 @@ def parse_args():
   p.add_argument('--peak_size', type=int, default=4096, help='n of the n x n x n peak matmul')
   p.add_argument('--peak_reps', type=int, default=5, help='peak = best of this many matmuls')
   p.add_argument('--threads', type=int, default=_cores(), help='torch.set_num_threads')
+  p.add_argument('--torch_adamw', default='default', choices=('default', 'foreach', 'fused'),
+                 help="torch AdamW implementation; 'default' is what a plain AdamW(...) picks")
   p.add_argument('--platform', default='cpu', help='JAX platform; the target is CPU')
   return p.parse_args()
 
@@ -222,21 +225,29 @@ def measure_jax(shape, kind, dtype, batch, args):
 
 def measure_torch(torch_route, shape, kind, dtype, batch, args):
   step = torch_route.build_step(kind, shape, batch, vocab=args.vocab, labels=args.labels,
-                                dropout=args.dropout, dtype=dtype, lr=args.lr)
+                                dropout=args.dropout, dtype=dtype, lr=args.lr,
+                                adamw=args.torch_adamw)
   losses = [step() for _ in range(args.warmup)]
   seconds = _median_seconds(lambda: losses.append(step()), args.steps_timed)
   return dict(seconds=seconds, loss=losses[-1])
 
 
 def cpu_model():
+  """'model name (family f, model m; isa flags)' from /proc/cpuinfo, else what platform knows."""
+  fields = {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
-    pass
-  return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine()
+  # VMs often hide the model name (e.g. plain 'AMD EPYC'); family/model still tell generations.
+  flags = ' '.join(f for f in fields.get('flags', fields.get('Features', '')).split()
+                   if f in ISA_FLAGS)
+  name = fields.get('model name', platform.machine())
+  return (f"{name} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}; "
+          f'{flags or "no listed SIMD flags"})')
 
 
 def header(args, peaks):
@@ -250,7 +261,7 @@ def header(args, peaks):
            f'median of {args.steps_timed} steps after compile + {args.warmup} warmup']
   if 'torch' in args.routes:
     import torch  # pylint: disable=g-import-not-at-top
-    lines.append(f'- torch {torch.__version__}: {args.threads} threads')
+    lines.append(f'- torch {torch.__version__}: {args.threads} threads, AdamW {args.torch_adamw}')
   for dtype, (jax_peak, torch_peak) in peaks.items():
     torch_part = f', torch {torch_peak / 1e9:.1f}' if torch_peak else ''
     lines.append(f'- measured matmul peak {dtype} ({args.peak_size}^3, best of '

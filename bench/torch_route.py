@@ -97,13 +97,17 @@ def make_model(shape, *, vocab, labels, dropout, attention, seed=0):
                                                                  attn_implementation=attention)
 
 
-def make_optimizer(model, lr, total_steps=1000, warmup=100):
-  """AdamW as bitbert_jax.optim: no decay on biases and LayerNorm, linear warmup and decay."""
+def make_optimizer(model, lr, adamw='default', total_steps=1000, warmup=100):
+  """AdamW as bitbert_jax.optim: no decay on biases and LayerNorm, linear warmup and decay.
+
+  adamw: 'default' (what torch picks: a per-parameter loop on CPU), 'foreach' or 'fused'.
+  """
   named = list(model.named_parameters())
   no_decay = lambda n: n.endswith('bias') or 'LayerNorm' in n
   groups = [{'params': [p for n, p in named if not no_decay(n)], 'weight_decay': 0.01},
             {'params': [p for n, p in named if no_decay(n)], 'weight_decay': 0.0}]
-  opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
+  impl = {} if adamw == 'default' else {adamw: True}
+  opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, **impl)
   ramp = lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / (total_steps - warmup)))
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, ramp)
 
@@ -135,7 +139,7 @@ def kd_loss(student_out, teacher_out, mask):
   return pred + attn + hidden
 
 
-def build_step(kind, shape, batch, *, vocab, labels, dropout, dtype, lr):
+def build_step(kind, shape, batch, *, vocab, labels, dropout, dtype, lr, adamw='default'):
   """A zero-argument function running one training step ('ft' or 'kd') on a fixed batch."""
   inputs = {k: torch.as_tensor(batch[k]).long()
             for k in ('input_ids', 'attention_mask', 'token_type_ids')}
@@ -150,7 +154,7 @@ def build_step(kind, shape, batch, *, vocab, labels, dropout, dtype, lr):
     student = make_model(shape, attention=KD_ATTENTION, **kw)
     student.load_state_dict(teacher.state_dict())
     student = add_quantization(student).train()
-  opt, sched = make_optimizer(student, lr)
+  opt, sched = make_optimizer(student, lr, adamw)
 
   def loss_fn():
     if teacher is None:

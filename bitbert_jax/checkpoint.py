@@ -141,7 +141,7 @@ class StageCheckpoints:
           meta = self._manager.restore(step, args=ocp.args.Composite(
               meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # pylint: disable=broad-except
-          problem = f'unreadable bookkeeping ({_one_line(e)})'
+          problem = f'unreadable bookkeeping ({one_line(e)})'
       if problem is None:
         if check_meta is not None:
           check_meta(meta, where)
@@ -150,7 +150,12 @@ class StageCheckpoints:
               state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()))
           return restored.state, restored.meta
         except Exception as e:  # pylint: disable=broad-except
-          problem = f'unreadable arrays ({_one_line(e)})'
+          if os.path.exists(os.path.join(where, MANIFEST)):  # intact files: another model
+            raise BitbertError(
+                f'checkpoint {where} does not fit this stage ({one_line(e)}); it was written '
+                f'with another config (model size, policy, task head): restore that config, '
+                f'or move {self.directory} away to start the stage over') from None
+          problem = f'unreadable arrays ({one_line(e)})'
       self._discard(step, problem)
     return None
 
@@ -172,6 +177,6 @@ class StageCheckpoints:
     self._manager.close()
 
 
-def _one_line(e):
+def one_line(e):
   text = str(e).strip().splitlines()
   return f'{type(e).__name__}: {text[0][:300] if text else ""}'

@@ -1,7 +1,10 @@
 """Runs the ordered stages of a config: config -> pipeline -> stage(state, ctx) -> state.
 
-Each stage writes its output (parameters, config, policy, dev metrics) under
-`workdir/stages/NN_name/`; re-running a pipeline loads completed stages instead of redoing them.
+`prepare` reads and checks every input (data, checkpoints, their fit) and writes nothing but
+generated offline samples; `execute` runs the stages. Each stage writes its output (parameters,
+RNG, config, policy, dev metrics) atomically under `workdir/stages/NN_name/`; re-running a
+pipeline loads completed stages and resumes the interrupted one from its newest checkpoint, so
+a killed run re-run with the same command ends bitwise equal to an uninterrupted one.
 """
 import dataclasses
 import json
@@ -17,7 +20,10 @@ import orbax.checkpoint as ocp
 from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
+from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
+from bitbert_jax import train as train_lib
+from bitbert_jax import validate
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.distill import stages as stages_lib
 from bitbert_jax.errors import BitbertError
@@ -55,18 +61,7 @@ def resolve_checkpoint(name):
 
 
 def pipeline_stages(config):
-  names = [n.strip() for n in config.pipeline.split(',') if n.strip()]
-  for n in names:
-    if n not in config.stages:
-      raise BitbertError(f'config.pipeline names stage {n!r}, which is not in config.stages '
-                         f'(defined: {", ".join(config.stages)})')
-    kind = config.stages[n].kind
-    if kind not in stages_lib.STAGES:
-      raise BitbertError(f'config.stages.{n}.kind={kind!r} is not a stage; valid: '
-                         f'{", ".join(stages_lib.STAGES)}')
-  if not names:
-    raise BitbertError('config.pipeline is empty; list stage names, comma-separated')
-  return names
+  return validate.stage_names(config)
 
 
 SAMPLE_GLUE = 'sample'  # config.task.glue_dir value that selects the generated offline sample
@@ -112,60 +107,165 @@ def load_task_data(config, tokenizer_dir, sample_dir):
 
 
 def _save_stage(stage_dir, state, info):
-  """Writes a stage's output atomically: into a temp dir, then renamed into place."""
+  """Writes a stage's output atomically: into a temp dir (with a manifest), then renamed."""
   tmp = os.path.join(stage_dir, 'output.tmp')
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as c:
-    c.save(os.path.join(tmp, 'params'), {'params': state.params,
-                                         'model_state': state.model_state})
-  with open(os.path.join(tmp, 'stage.json'), 'w') as f:
-    json.dump(info | {'model_config': state.model_config.to_dict(),
-                      'policy': state.policy.to_dict()}, f, indent=2, default=float)
-  final = os.path.join(stage_dir, 'output')
-  shutil.rmtree(final, ignore_errors=True)
-  os.replace(tmp, final)
+  try:
+    with ocp.StandardCheckpointer() as c:
+      c.save(os.path.join(tmp, 'params'), {'params': state.params,
+                                           'model_state': state.model_state})
+    # The RNG travels to the next stage (e.g. quantize initialises scales from it).
+    rng = np.asarray(jax.device_get(state.rng)).tolist()
+    with open(os.path.join(tmp, 'stage.json'), 'w') as f:
+      json.dump(info | {'model_config': state.model_config.to_dict(),
+                        'policy': state.policy.to_dict(), 'rng': rng}, f, indent=2,
+                default=float)
+    ckpt_lib.write_manifest(tmp)
+    final, old = os.path.join(stage_dir, 'output'), os.path.join(stage_dir, 'output.old')
+    if os.path.exists(final):  # a damaged output being replaced
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_stage_output(stage_dir):
-  """(state, info) of a completed stage, or None."""
-  path = os.path.join(stage_dir, 'output', 'stage.json')
+  """(state, info) of a completed stage, or None (also when its output is damaged: re-run)."""
+  out = os.path.join(stage_dir, 'output')
+  path = os.path.join(out, 'stage.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    info = json.load(f)
-  with ocp.StandardCheckpointer() as c:
-    tree = c.restore(os.path.join(stage_dir, 'output', 'params'))
-  cfg = BertConfig.from_dict(info['model_config'])
-  policy = QuantPolicy.from_dict(info['policy'])
+  problem = ckpt_lib.verify_manifest(out)
+  if problem is None:
+    try:
+      with open(path) as f:
+        info = json.load(f)
+      with ocp.StandardCheckpointer() as c:
+        tree = c.restore(os.path.join(out, 'params'))
+      cfg = BertConfig.from_dict(info['model_config'])
+      policy = QuantPolicy.from_dict(info['policy'])
+    except Exception as e:  # pylint: disable=broad-except
+      problem = f'unreadable ({ckpt_lib.one_line(e)})'
+  if problem is not None:
+    log.warning('stage output %s is damaged: %s; running the stage again (from its newest '
+                'checkpoint)', out, problem)
+    return None
   tree = jax.tree.map(np.asarray, tree)
-  return new_state(cfg, tree['params'], policy, model_state=tree.get('model_state') or {}), info
+  rng = np.asarray(info['rng'], np.uint32) if info.get('rng') is not None else None
+  return new_state(cfg, tree['params'], policy, rng=rng,
+                   model_state=tree.get('model_state') or {}), info
 
 
-def run(config, workdir):
-  """Runs the pipeline; returns the results dict also written to workdir/results.json."""
-  names = pipeline_stages(config)
+def _carry(state):
+  """What a finished stage hands on: exactly what `load_stage_output` gives back on resume."""
+  return state.replace(step=np.zeros((), np.int32), aux_params={}, opt_state=())
+
+
+@dataclasses.dataclass
+class Inputs:
+  """Everything a pipeline reads, loaded and checked by `prepare`."""
+  names: list
+  mesh: object
+  task: object
+  data: TaskData
+  source: str
+  teacher: object  # Teacher of config.teacher, or None
+  pretrained: object  # Teacher of config.pretrained, or None when no stage needs it
+  tokenizer_dir: str
+  corpus: object
+
+
+def _load_checkpoint(config, field):
+  """Teacher of the HF checkpoint named by config.<field>; errors name the field too."""
+  path = config[field]
+  try:
+    cfg, params = hf.load_hf_checkpoint(resolve_checkpoint(path))
+  except BitbertError as e:
+    raise BitbertError(f'config.{field}={path!r}: {e}') from None
+  return Teacher(cfg.replace(dtype=config.model.dtype), params)
+
+
+def prepare(config, workdir):
+  """Reads and checks every input (data, checkpoints, their fit with the pipeline).
+
+  Writes nothing to `workdir` except generated offline samples when those are the data.
+  """
+  names = validate.validate_config(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
-  writer = logs.MetricsWriter(workdir)
+  teacher = _load_checkpoint(config, 'teacher') if config.teacher else None
+  pretrained = (_load_checkpoint(config, 'pretrained')
+                if validate.needs_pretrained(config, names) else None)
   pretrained_dir = resolve_checkpoint(config.pretrained)
   tokenizer_dir = config.tokenizer or (config.teacher and resolve_checkpoint(config.teacher)) \
       or pretrained_dir
   task, data, source = load_task_data(config, tokenizer_dir,
                                       os.path.join(workdir, 'sample_glue'))
+  validate.check_models(config, names, task, data.tokenizer,
+                        pretrained=pretrained and pretrained.config,
+                        teacher=teacher and teacher.config)
+  return Inputs(names, mesh, task, data, source, teacher, pretrained, tokenizer_dir,
+                _corpus_fn(config, data.tokenizer, workdir))
 
-  def load_teacher(path):
-    cfg, params = hf.load_hf_checkpoint(resolve_checkpoint(path))
-    return Teacher(cfg.replace(dtype=config.model.dtype), params)
 
-  pretrained = None
-  teacher = load_teacher(config.teacher) if config.teacher else None
-  if any(config.stages[n].kind in ('init_student', 'general_kd', 'finetune') for n in names):
-    cfg, params = hf.load_hf_checkpoint(pretrained_dir)
-    pretrained = Teacher(cfg.replace(dtype=config.model.dtype), params)
+def write_config(config, workdir):
+  """workdir/config.json (atomic); a different one from an earlier run is named in a warning."""
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      old = None
+    changed = _changed_fields(old, new) if isinstance(old, dict) else ['(unreadable)']
+    if changed:
+      log.warning('workdir %s was used with another config (changed: %s); completed stages are '
+                  'reused as they are', workdir, ', '.join(changed[:20]))
+  workdir_lib.write_json(path, new)
+
+
+def _changed_fields(old, new, prefix='config'):
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _changed_fields(a, b, f'{prefix}.{k}')
+    elif a != b:
+      out.append(f'{prefix}.{k}')
+  return out
+
+
+def run(config, workdir):
+  """Runs the pipeline; returns (results, final state, tokenizer dir); results.json too."""
+  inputs = prepare(config, workdir)
+  if jax.process_index() == 0:
+    write_config(config, workdir)
+  return execute(config, workdir, inputs)
+
+
+def execute(config, workdir, inputs):
+  """Runs (or resumes) the stages; returns (results, final state, tokenizer dir).
+
+  SIGTERM (see train.preemptible) stops at the next step or between stages, after a
+  checkpoint, with train.Preempted.
+  """
+  writer = logs.MetricsWriter(workdir)
+  try:
+    with train_lib.preemptible():
+      return _execute(config, workdir, inputs, writer)
+  finally:
+    writer.close()
+
+
+def _execute(config, workdir, inputs, writer):
+  names, mesh, task, data = inputs.names, inputs.mesh, inputs.task, inputs.data
+  teacher, pretrained, corpus = inputs.teacher, inputs.pretrained, inputs.corpus
+  tokenizer_dir = inputs.tokenizer_dir
   state = new_state(pretrained.config, pretrained.params) if pretrained else None
-  corpus = _corpus_fn(config, data.tokenizer)
-
-  results = {'task': task.name, 'data': source, 'stages': {}}
+  results = {'task': task.name, 'data': inputs.source, 'stages': {}}
   student_layers = None
   for i, name in enumerate(names):
     stage_cfg = config.stages[name]
@@ -196,6 +296,7 @@ def run(config, workdir):
       student_layers = ctx.student_layers
       info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
               'student_layers': list(student_layers) if student_layers else None}
+      state = _carry(state)
       if jax.process_index() == 0:
         _save_stage(stage_dir, jax.device_get(state), info)
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], ctx.results or '-')
@@ -205,10 +306,12 @@ def run(config, workdir):
       _export_hf(os.path.join(stage_dir, 'hf'), teacher, tokenizer_dir)
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}
     results['stages'][name]['policy'] = state.policy.name
+    if i + 1 < len(names) and train_lib.preempt_requested():
+      raise train_lib.Preempted(names[i + 1], 0)
   results['final'] = {'policy': state.policy.name, 'dev': _last_dev(results),
                       'model_config': state.model_config.to_dict()}
-  writer.close()
-  workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
   return results, state, tokenizer_dir
 
 
@@ -225,10 +328,14 @@ def _export_hf(out_dir, teacher, tokenizer_dir):
                           tokenizer_dir=tokenizer_dir)
 
 
-def _corpus_fn(config, tokenizer):
+def _corpus_fn(config, tokenizer, workdir):
   sources = [s for s in config.corpus.split(',') if s]
   if not sources:
     return None
+  if sources == ['sample']:  # offline default: generated text, enough to exercise general KD
+    log.warning('config.corpus=sample: general KD runs on GENERATED text; set CORPUS_DIR or '
+                'config.corpus to real text (e.g. Wikipedia) for a useful student')
+    sources = [data_lib.write_sample_corpus(os.path.join(workdir, 'sample_corpus', 'corpus.txt'))]
   return lambda batch_size, epoch: data_lib.corpus_batches(
       sources, tokenizer, config.task.max_length, batch_size, seed=config.seed, epoch=epoch,
       drop_remainder=True, process_index=jax.process_index(), process_count=jax.process_count())

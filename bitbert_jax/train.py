@@ -3,11 +3,13 @@
 Everything about *what* is optimised comes in as an `Objective`; this module only knows how to
 step, evaluate, checkpoint, resume and report.
 """
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import signal
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -37,6 +39,44 @@ class NonFiniteError(BitbertError):
 
 class Preempted(Exception):
   """SIGTERM arrived; a checkpoint was written and the run should exit cleanly."""
+
+  def __init__(self, stage, step):
+    super().__init__(f'preempted at stage {stage} step {step}; re-run the same command to '
+                     'resume')
+    self.stage, self.step = stage, step
+
+
+_PREEMPT = threading.Event()
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  _PREEMPT.set()  # acted on at the next safe point: after a step, or between stages
+
+
+@contextlib.contextmanager
+def preemptible():
+  """While active, SIGTERM sets a flag (`preempt_requested`) instead of killing the process.
+
+  Nested uses share the outermost handler; outside the main thread it does nothing.
+  """
+  if not _main_thread() or signal.getsignal(signal.SIGTERM) is _on_sigterm:
+    yield
+    return
+  _PREEMPT.clear()
+  previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def preempt_requested():
+  """True once SIGTERM arrived (on any host: all hosts must stop at the same step)."""
+  flag = _PREEMPT.is_set()
+  if jax.process_count() > 1:
+    flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+  return flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,12 +289,42 @@ def _flat_metrics(evals):
           for k, v in m.items()}
 
 
+def _fingerprint(settings, total, steps_per_epoch, objective):
+  """Settings that fix the step sequence; a resumed stage should match its checkpoint's."""
+  return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
+              batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
+              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses))
+
+
+def _check_fingerprint(name, field, fingerprint):
+  def check(meta, where):
+    old = meta.get('fingerprint') or {}
+    changed = [f'{k}: {old[k]!r} -> {v!r}' for k, v in fingerprint.items()
+               if k in old and old[k] != v]
+    if changed:  # allowed (e.g. a lower lr after a NaN), but no longer an exact resume
+      log.warning('[%s] resuming from %s written with other settings (%s; see %s): the run '
+                  'will differ from an uninterrupted one', name, where, '; '.join(changed), field)
+  return check
+
+
 def train(state, *, name, objective, settings, batches, mesh, workdir, writer, task=None,
           dev_sets=None, teacher=None):
   """Runs one stage's optimisation; returns (state with the kept parameters, dev results).
 
-  Resumes from the newest readable checkpoint under `workdir/checkpoints` when one exists.
+  Resumes from the newest intact checkpoint under `workdir/checkpoints` when one exists; a
+  resumed stage ends bitwise equal to an uninterrupted one (data order, dropout RNG, optimizer,
+  best-on-dev and skip counter are all in the checkpoint). SIGTERM (see `preemptible`) writes a
+  checkpoint and raises Preempted; a non-finite loss or gradient norm raises NonFiniteError
+  (the newest checkpoint predates it) unless `settings.skip_nonfinite`.
   """
+  with preemptible():
+    return _train(state, name=name, objective=objective, settings=settings, batches=batches,
+                  mesh=mesh, workdir=workdir, writer=writer, task=task, dev_sets=dev_sets,
+                  teacher=teacher)
+
+
+def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, task, dev_sets,
+           teacher):
   sharding.check_batch_size(settings.batch_size, mesh, f'{settings.field}.batch_size')
   steps_per_epoch = batches.steps_per_epoch()
   if steps_per_epoch < 1:
@@ -302,84 +372,104 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
   if settings.report_memory:
     report_step_memory(step_fn, state, batches, mesh, teacher_params, name)
 
+  abstract = ckpt_lib.abstract_like(
+      {'state': state, 'best_params': (state.params, state.model_state)},
+      {'state': shardings, 'best_params': (shardings.params, shardings.model_state)})
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'),
                                     settings.keep_checkpoints, settings.checkpoint_every_steps,
                                     settings.checkpoint_every_secs)
+  fingerprint = _fingerprint(settings, total, steps_per_epoch, objective)
+  with contextlib.closing(ckpts):
+    return _loop(state, name=name, settings=settings, batches=batches, mesh=mesh,
+                 writer=writer, task=task, dev_sets=dev_sets, teacher_params=teacher_params,
+                 step_fn=step_fn, schedule=schedule, ckpts=ckpts, total=total,
+                 steps_per_epoch=steps_per_epoch, fingerprint=fingerprint, abstract=abstract)
+
+
+def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teacher_params,
+          step_fn, schedule, ckpts, total, steps_per_epoch, fingerprint, abstract):
+  """Restores the newest checkpoint, then steps, logs, evaluates and checkpoints to `total`."""
   best = {'score': None, 'step': 0, 'evals': None}
-  best_params = None
-  start = 0
-  restored = ckpts.restore_latest(ckpt_lib.abstract_like(
-      {'state': state, 'best_params': (state.params, state.model_state)},
-      {'state': shardings, 'best_params': (shardings.params, shardings.model_state)}))
+  best_params, last_evals, nonfinite_skipped, start = None, None, 0, 0
+  restored = ckpts.restore_latest(abstract, _check_fingerprint(name, settings.field,
+                                                               fingerprint))
   if restored is not None:
     tree, meta = restored
     state, best_params = tree['state'], tree['best_params']
     best = meta['best']
     best_params = best_params if best['evals'] is not None else None
+    last_evals = meta.get('last_evals')
+    nonfinite_skipped = int(meta.get('nonfinite_skipped', 0))
     start = int(meta['step'])
-    log.info('[%s] resumed from step %d', name, start)
+    log.info('[%s] resumed from step %d (checkpoint %s)', name, start,
+             os.path.join(ckpts.directory, str(start)))
 
   progress = logs.Progress(name, total, start, settings.batch_size)
   eval_every = settings.eval_every or steps_per_epoch
   can_eval = task is not None and dev_sets and state.model_config.num_labels > 0
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True)) \
-      if _main_thread() else None
+  accum = settings.grad_accum_steps
 
   def save(step):
-    meta = {'step': step, 'best': best}
+    meta = {'step': step, 'best': best, 'last_evals': last_evals,
+            'nonfinite_skipped': nonfinite_skipped, 'fingerprint': fingerprint}
+    # Without a best yet, the current params fill the slot (same structure, never used).
     ckpts.save(step, {'state': state, 'best_params': best_params or (state.params,
                                                                      state.model_state)}, meta)
 
-  try:
-    step, nonfinite_skipped, last_evals = start, 0, None
-    while step < total:
-      epoch, index = divmod(step, steps_per_epoch)
-      for batch in batches.epoch(epoch, index):
-        state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
-        step += 1
-        if float(m['nonfinite']):
-          if not settings.skip_nonfinite:
-            raise NonFiniteError(
-                f'stage {name!r}: non-finite loss or gradient norm at step {step} '
-                f'(loss={float(m["loss"])}, grad_norm={float(m["grad_norm"])}); the last good '
-                f'checkpoint is kept under {ckpts.directory}. Lower the learning rate, or set '
-                f'{settings.field}.skip_nonfinite=True to skip such batches')
-          nonfinite_skipped += 1
-        if step % settings.log_every == 0 or step == total:
-          m = {k: float(v) for k, v in m.items()}
-          m.update(lr=float(schedule((step - 1) // accum)), nonfinite_skipped=nonfinite_skipped)
-          writer.write(name, step, m)
-          log.info(progress.line(step, {k: m[k] for k in m if k not in ('nonfinite',)}))
-        if can_eval and (step % eval_every == 0 or step == total):
-          evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                           settings.batch_size, mesh)
-          writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
-          log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
-          last_evals = evals
-          if best['score'] is None or evals['score'] > best['score']:
-            best = {'score': float(evals['score']), 'step': step, 'evals': evals}
-            best_params = jax.device_get((state.params, state.model_state))
-        if ckpts.due(step) or preempted:
-          save(step)
-        if preempted:
-          raise Preempted(f'stage {name!r}: SIGTERM at step {step}; checkpoint written')
-        if step >= total:
-          break
-    save(step)
-  finally:
-    ckpts.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+  step = start
+  while step < total:
+    epoch, index = divmod(step, steps_per_epoch)
+    for batch in batches.epoch(epoch, index):
+      state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
+      step += 1
+      if float(m['nonfinite']):
+        if not settings.skip_nonfinite:
+          _nonfinite_error(name, step, m, ckpts, writer, settings)
+        nonfinite_skipped += 1
+      if step % settings.log_every == 0 or step == total:
+        m = {k: float(v) for k, v in m.items()}
+        m.update(lr=float(schedule((step - 1) // accum)), nonfinite_skipped=nonfinite_skipped)
+        writer.write(name, step, m)
+        log.info(progress.line(step, {k: m[k] for k in m if k not in ('nonfinite',)}))
+      if can_eval and (step % eval_every == 0 or step == total):
+        evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
+                         settings.batch_size, mesh)
+        writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
+        log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
+        last_evals = evals
+        if best['score'] is None or evals['score'] > best['score']:
+          best = {'score': float(evals['score']), 'step': step, 'evals': evals}
+          best_params = jax.device_get((state.params, state.model_state))
+      preempted = preempt_requested()
+      if ckpts.due(step) or preempted:
+        save(step)
+      if preempted:
+        raise Preempted(name, step)
+      if step >= total:
+        break
+  save(step)
 
   if settings.keep_best and best_params is not None:
     params, model_state = best_params
     state = state.replace(params=params, model_state=model_state)
     return state, best['evals']
-  if can_eval and last_evals is None:  # resumed after the last step: evaluate once more
+  if can_eval and last_evals is None:  # a checkpoint from before last_evals was saved
     last_evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
                           settings.batch_size, mesh)
   return state, last_evals
+
+
+def _nonfinite_error(name, step, m, ckpts, writer, settings):
+  """Stops the stage: the faulty step is logged; the newest checkpoint predates it."""
+  loss, grad_norm = float(m['loss']), float(m['grad_norm'])
+  writer.write(name, step, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1.0})
+  good = [s for s in ckpts.all_steps() if s < step]
+  kept = (f'the newest checkpoint, step {max(good)}, is kept under {ckpts.directory}' if good
+          else 'no checkpoint was written before it')
+  raise NonFiniteError(
+      f'stage {name!r}: non-finite loss or gradient norm at step {step} (loss={loss}, '
+      f'grad_norm={grad_norm}); {kept}. Lower {settings.field}.lr, or set '
+      f'config.train.skip_nonfinite=True to skip such batches')
 
 
 def report_step_memory(step_fn, state, batches, mesh, teacher_params, name):

@@ -1,25 +1,36 @@
-"""The run's working directory: one writer at a time, whole files only."""
+"""The run's working directory: one writer at a time, whole files only, no debris on bad input."""
 import fcntl
 import json
 import os
+import shutil
 
 from bitbert_jax.errors import BitbertError
+
+LOCK = '.lock'
 
 
 def write_json(path, obj):
   """Writes JSON atomically (temp file + rename), so readers never see half a file."""
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, default=float)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      json.dump(obj, f, indent=2, default=float)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):  # json.dump failed midway: leave no debris
+      os.remove(tmp)
 
 
 class Lock:
-  """An exclusive lock on workdir/.lock; a second run on the same workdir is refused."""
+  """An exclusive lock on workdir/.lock; a second run on the same workdir is refused.
+
+  The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed run never
+  blocks the re-run that resumes it.
+  """
 
   def __init__(self, workdir):
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, '.lock')
+    self.path = os.path.join(workdir, LOCK)
     self._f = None
 
   def __enter__(self):
@@ -27,9 +38,13 @@ class Lock:
     try:
       fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
+      self._f.seek(0)
+      holder = self._f.read().strip()
       self._f.close()
-      raise BitbertError(f'workdir {os.path.dirname(self.path)} is in use by another run '
-                         f'(lock {self.path}); wait for it or pick another --workdir') from e
+      who = f' (pid {holder})' if holder else ''
+      raise BitbertError(f'workdir {os.path.dirname(self.path)} is in use by another run{who}, '
+                         f'which holds {self.path}; wait for it to finish or pick another '
+                         '--workdir') from e
     self._f.seek(0)
     self._f.truncate()
     self._f.write(str(os.getpid()))
@@ -39,3 +54,65 @@ class Lock:
   def __exit__(self, *exc):
     fcntl.flock(self._f, fcntl.LOCK_UN)
     self._f.close()
+
+
+class Claim:
+  """A locked workdir that a run failing before `commit()` leaves as it found it.
+
+  Everything this run created before the commit (the workdir itself, the lock file, generated
+  samples) is removed again when the block raises; after the commit (config.json written,
+  training under way) what was written stays, to be resumed.
+  """
+
+  def __init__(self, workdir):
+    self.workdir = os.path.abspath(workdir)
+    self._created = []  # directories made by this run, outermost first
+    self._committed = False
+    self._lock = None
+    self._lock_existed = False
+    self._before = set()
+
+  def __enter__(self):
+    parent = self.workdir
+    while not os.path.exists(parent):
+      self._created.insert(0, parent)
+      parent = os.path.dirname(parent)
+    self._lock_existed = os.path.exists(os.path.join(self.workdir, LOCK))
+    self._lock = Lock(self.workdir)
+    try:
+      self._lock.__enter__()
+    except BaseException:
+      self._remove_created_dirs()
+      raise
+    # Listed under the lock: no other run changes the workdir from here on.
+    self._before = set(os.listdir(self.workdir))
+    return self
+
+  def commit(self):
+    self._committed = True
+
+  def __exit__(self, exc_type, exc, tb):
+    try:
+      if exc_type is not None and not self._committed:
+        self._undo()
+    finally:
+      self._lock.__exit__(exc_type, exc, tb)
+      if exc_type is not None and not self._committed:
+        self._remove_created_dirs()
+
+  def _undo(self):
+    for name in sorted(set(os.listdir(self.workdir)) - self._before):
+      path = os.path.join(self.workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+    if not self._lock_existed:
+      os.remove(self._lock.path)
+
+  def _remove_created_dirs(self):
+    for d in reversed(self._created):
+      try:
+        os.rmdir(d)  # only if still empty: another run may have started in it meanwhile
+      except OSError:
+        return

@@ -4,16 +4,20 @@
   -> 2-bit Stage-I -> Stage-II -> weight splitting -> 1-bit Stage-I -> Stage-II
 
   python -m bitbert_jax.main --config=configs/multistage.py --workdir=runs/multistage
-Arguments: task, teacher, layers/hidden (student depth/width; 0 = the teacher's), bits (final
-W-E-A; the ternary stage uses 2-2-A), augment (TinyBERT data augmentation), preset.
+Arguments: task, teacher, layers/hidden (student depth/width; 0 = half the teacher's depth, its
+width), bits (final
+W-E-A; the ternary stage uses 2-2-A), augment (TinyBERT data augmentation), corpus (general-KD
+text: files/folders/hub specs; default $CORPUS_DIR, else a generated sample), preset.
 """
+import os
+
 from bitbert_jax import config_lib
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
                               layers=0, hidden=0, bits='1-1-8', augment=False,
-                              corpus='../shared/data/corpus/wikitext-2')
+                              corpus=os.environ.get('CORPUS_DIR', 'sample'))
   c = config_lib.base_config(args)
   act = args.bits.split('-')[-1]
   c.corpus = args.corpus
@@ -47,7 +51,10 @@ def get_config(arg=None):
       if c.stages[n].get('batch_size') is not None:
         c.stages[n].batch_size = c.train.batch_size
   if args.preset == 'quick':
-    for n in ('fp32_stage1', 'ternary_stage1', 'binary_stage1'):
-      c.stages[n].epochs = 2.0
+    c.stages.finetune.epochs = 2.0
+    c.stages.general_kd.epochs, c.stages.general_kd.steps_per_epoch = 1.0, 100
+    for n in names:
+      if c.stages[n].kind == 'task_kd':
+        c.stages[n].epochs = 1.0
   config_lib.smoke_epochs(c, args.preset, names, {})
   return c

@@ -101,3 +101,23 @@ def test_every_config_builds_and_names_known_stages():
     for preset in config_lib.PRESETS:
       c = load_config(name, f'preset={preset}')
       assert pipeline.pipeline_stages(c)
+
+
+def test_multistage_runs_the_whole_left_pipeline(tmp_path, tiny_pretrained, glue):
+  config = load_config('multistage', f'preset=smoke,pretrained={tiny_pretrained}')
+  config.task.glue_dir = glue
+  config.export.packed = False
+  results = run(config, str(tmp_path))
+  policies = {n: r['policy'] for n, r in results['stages'].items()}
+  assert list(policies) == config.pipeline.split(',')
+  assert policies['fp32_stage2'] == '32-32-32'
+  assert policies['ternary_stage2'] == '2-2-8' and policies['binary_stage2'] == '1-1-8'
+  assert results['data'] == glue
+  stages = sorted(os.listdir(tmp_path / 'stages'))
+  general, _ = pipeline.load_stage_output(str(tmp_path / 'stages' / stages[2]))
+  assert general.model_config.num_hidden_layers == 1  # half the 2-layer teacher
+  final, _ = pipeline.load_stage_output(str(tmp_path / 'stages' / stages[-1]))
+  assert final.policy.split and final.policy.name == '1-1-8'
+  kernel = final.params['encoder']['layer_0']['attention']['query']['kernel']
+  assert kernel.shape == (2, 32, 32)  # two binary planes per split weight
+  assert 'hidden_proj' not in final.params

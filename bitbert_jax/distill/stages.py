@@ -96,7 +96,9 @@ def finetune(state, ctx):
 def _student_config(ctx, base):
   s = ctx.stage
   hidden = s.get('hidden_size') or base.hidden_size
-  kw = dict(num_hidden_layers=s.get('num_layers') or base.num_hidden_layers, hidden_size=hidden,
+  # Default: half the teacher's depth at its width, so that the uniform layer map applies.
+  depth = s.get('num_layers') or max(1, base.num_hidden_layers // 2)
+  kw = dict(num_hidden_layers=depth, hidden_size=hidden,
             intermediate_size=s.get('intermediate_size') or 4 * hidden, num_labels=0,
             label_names=(), dtype=ctx.config.model.dtype, remat=ctx.config.model.remat)
   return base.replace(**kw)
