@@ -62,7 +62,7 @@ SHAPES = {
 }
 STEPS = ('ft', 'kd')
 STEP_NAMES = {'ft': 'fine-tune', 'kd': '1-1-8 XTC KD'}
-ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'neon', 'sve')  # bf16 speed hangs on them
+ISA_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'neon', 'sve')  # bf16 speed needs them
 ROUTES = ('jax', 'torch')
 DTYPES = ('float32', 'bfloat16')
 
@@ -202,25 +202,20 @@ def build_jax_step(cfg, kind, batch, lr):
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, t_params).compile()
   compile_s = time.perf_counter() - t0
-  carry = [state, None]
+  carry = [state]
 
   def run():
-    carry[0], carry[1] = compiled(carry[0], batch, t_params)  # the old state was donated
-    jax.block_until_ready(carry)
+    carry[0], metrics = compiled(carry[0], batch, t_params)  # the old state was donated
+    return float(jax.block_until_ready(metrics)['loss'])
 
-  def last_loss():
-    return float(carry[1]['loss'])
-
-  run.last_loss = last_loss
   return run, compile_s, _xla_flops(compiled)
 
 
 def measure_jax(shape, kind, dtype, batch, args):
   run, compile_s, xla_flops = build_jax_step(bert_config(shape, args, dtype), kind, batch, args.lr)
-  for _ in range(args.warmup):
-    run()
-  seconds = _median_seconds(run, args.steps_timed)
-  return dict(seconds=seconds, compile_s=compile_s, xla_flops=xla_flops, loss=run.last_loss())
+  losses = [run() for _ in range(args.warmup)]
+  seconds = _median_seconds(lambda: losses.append(run()), args.steps_timed)
+  return dict(seconds=seconds, compile_s=compile_s, xla_flops=xla_flops, loss=losses[-1])
 
 
 def measure_torch(torch_route, shape, kind, dtype, batch, args):
@@ -293,37 +288,49 @@ def table_row(model, kind, dtype, batch, seq, flops, peaks, jax_m, torch_m):
   return '| ' + ' | '.join(cells) + ' |'
 
 
+def measure_peaks(args, torch_route):
+  """{dtype: (jax FLOP/s, torch FLOP/s or None)} of the n x n x n matmul."""
+  peaks = {}
+  for dtype in args.dtype:
+    jax_peak = jax_matmul_peak(args.peak_size, dtype, args.peak_reps)
+    torch_peak = torch_route and torch_route.matmul_peak(args.peak_size, dtype, args.peak_reps)
+    peaks[dtype] = (jax_peak, torch_peak)
+  return peaks
+
+
+def measure(args, torch_route, model, kind, dtype, batch):
+  """(jax, torch) measurements of one table row; None for a route not asked for."""
+  shape = SHAPES[model]
+  # One route after the other, never interleaved: their thread pools would contend.
+  jax_m = measure_jax(shape, kind, dtype, batch, args) if 'jax' in args.routes else None
+  torch_m = measure_torch(torch_route, shape, kind, dtype, batch, args) if torch_route else None
+  tokens = batch['input_ids'].size
+  done = ', '.join(f'{name} {tokens / m["seconds"]:,.0f} tokens/s (loss {m["loss"]:.4g})'
+                   for name, m in (('jax', jax_m), ('torch', torch_m)) if m)
+  print(f'[{model} {kind} {dtype} batch {len(batch["input_ids"])}] {done}', file=sys.stderr,
+        flush=True)  # progress: a full run takes a while
+  return jax_m, torch_m
+
+
 def main():
   args = parse_args()
   jax.config.update('jax_platforms', args.platform)
   torch_route = None
   if 'torch' in args.routes:
     import torch  # pylint: disable=g-import-not-at-top
-    import torch_route  # pylint: disable=g-import-not-at-top  (bench/ is sys.path[0])
+    import torch_route  # pylint: disable=g-import-not-at-top  (bench/, the script's folder)
     torch.set_num_threads(args.threads)
-  peaks = {}
-  for dtype in args.dtype:
-    jax_peak = jax_matmul_peak(args.peak_size, dtype, args.peak_reps)
-    torch_peak = torch_route and torch_route.matmul_peak(args.peak_size, dtype, args.peak_reps)
-    peaks[dtype] = (jax_peak, torch_peak)
+  peaks = measure_peaks(args, torch_route)
   rows = []
   for model in args.models:
-    shape = SHAPES[model]
-    batch_size = args.batch or shape['batch']
+    batch_size = args.batch or SHAPES[model]['batch']
     batch = fake_batch(batch_size, args.seq, args.vocab, args.labels)
     for kind in args.steps:
-      flops = model_flops(shape, batch_size, args.seq, args.labels, kind)
+      flops = model_flops(SHAPES[model], batch_size, args.seq, args.labels, kind)
       for dtype in args.dtype:
-        # One route after the other, never interleaved: their thread pools would contend.
-        jax_m = measure_jax(shape, kind, dtype, batch, args) if 'jax' in args.routes else None
-        torch_m = (measure_torch(torch_route, shape, kind, dtype, batch, args)
-                   if torch_route else None)
-        losses = ', '.join(f'{r} loss {m["loss"]:.4g}' for r, m in (('jax', jax_m),
-                                                                   ('torch', torch_m)) if m)
-        print(f'[{model} {kind} {dtype} batch {batch_size}] {losses}', file=sys.stderr,
-              flush=True)
-        rows.append(table_row(model, kind, dtype, batch_size, args.seq, flops, peaks[dtype], jax_m,
-                              torch_m))
+        jax_m, torch_m = measure(args, torch_route, model, kind, dtype, batch)
+        rows.append(table_row(model, kind, dtype, batch_size, args.seq, flops, peaks[dtype],
+                              jax_m, torch_m))
   print(header(args, peaks))
   print()
   print('| ' + ' | '.join(COLUMNS) + ' |')

@@ -135,6 +135,8 @@ class StageCheckpoints:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       where = self._step_dir(step)
+      if jax.process_index() == 0 and os.path.exists(os.path.join(where, MANIFEST + '.tmp')):
+        os.remove(os.path.join(where, MANIFEST + '.tmp'))  # killed while writing the manifest
       problem = verify_manifest(where)
       if problem is None:
         try:

@@ -5,7 +5,9 @@ Packed directory (format version 1), written into a temporary directory and rena
   weights.safetensors  quantized weights as packed uint8 codes (`<module>/<leaf>_codes`) with
                        float32 per-group scales (`<module>/<leaf>_scale`); every other parameter
                        (LayerNorms, biases, position and token-type embeddings, pooler,
-                       classifier, unquantized weights) as `float_dtype` under its param path.
+                       classifier, unquantized weights) as `float_dtype` under its param path;
+                       non-param state (static activation ranges) as float32
+                       `<collection>:<path>`, e.g. `quant_stats:encoder/.../act_range`.
   config.json          BertConfig.to_dict() (plus model_type: bert for tokenizer loaders).
   policy.json          the QuantPolicy (packed: true).
   manifest.json        format, version, the weights file's sha256, per-tensor records and the
@@ -19,9 +21,13 @@ A split student (binary after ternary weight splitting) is a binary network with
 planes per weight: each split kernel is stored as two sign bit-planes [2, rows, row_bytes] with
 two scale sets [2, G], i.e. 2 bits of storage per weight, like BinaryBERT's doubled-width
 binary model. Its two biases are stored summed, as the layer only uses b0 + b1.
+
+CLI: python -m bitbert_jax.export --checkpoint=<trainer workdir | stage dir | student dir>
+       --out=<dir> [--tokenizer_dir=<dir>] [--float_dtype=float16] [--hf_out=<dir>]
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -75,11 +81,26 @@ def _flat(params):
   return traverse_util.flatten_dict(dict(params), sep='/')
 
 
+@functools.lru_cache(maxsize=64)
 def expected_shapes(config, policy):
   """Param path -> shape of BertModel(config, policy) (split weights carry their axis of 2)."""
   policy = dataclasses.replace(policy, packed=False)
   abstract = jax.eval_shape(lambda: init_params(config, policy))
   return {p: tuple(s.shape) for p, s in _flat(abstract).items()}
+
+
+def random_params(config, policy, seed=0, stddev=0.02):
+  """Random float32 params of BertModel(config, policy) without running its init (fast even
+  for BERT-base): normal(0, stddev) weights and biases, LayerNorm scales 1 + normal(0, 0.1).
+  For size benchmarks and tests."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in sorted(expected_shapes(config, policy).items()):
+    if path.endswith('LayerNorm/scale'):
+      flat[path] = (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+    else:
+      flat[path] = (stddev * rng.standard_normal(shape, np.float32)).astype(np.float32)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def check_params(config, params, policy, what='params'):
@@ -213,7 +234,8 @@ def packed_tensors(config, params, policy, float_dtype='float16', model_state=No
         'kind': f'{kind}_codes', 'dtype': 'uint8', 'param': path, 'bits': quant.bits,
         'planes': 2 if split else 1, 'logical_shape': [rows, cols],
         'param_shape': list(np.shape(value)),
-        'orientation': 'output-major [out, in]' if leaf == 'kernel' else 'row-major [vocab, hidden]',
+        'orientation': ('output-major [out, in]' if leaf == 'kernel' else
+                        'row-major [vocab, hidden]'),
         'num_groups': groups, 'group_rule': quant.num_groups, 'scale_tensor': scale_name}
     records[scale_name] = {'kind': 'scale', 'dtype': 'float32', 'param': path,
                            'num_groups': groups, 'planes': 2 if split else 1,
@@ -277,7 +299,7 @@ def size_report(out_dir, reference_fp32_bytes=None):
   """
   manifest = read_manifest(out_dir)
   weights = os.path.join(out_dir, manifest['weights_file'])
-  config = BertConfig.from_dict(_read_json(os.path.join(out_dir, CONFIG)))
+  config = BertConfig.from_dict(read_json(os.path.join(out_dir, CONFIG)))
   report = _size_summary(manifest['tensors'], os.path.getsize(weights), config)
   report['directory_bytes'] = _dir_bytes(out_dir)
   report['ratio_vs_fp32_directory'] = report['fp32_bytes'] / report['directory_bytes']
@@ -291,7 +313,8 @@ def size_report(out_dir, reference_fp32_bytes=None):
 # Writing.
 
 
-def _read_json(path):
+def read_json(path):
+  """A JSON file's content; BitbertError naming the file when missing or unreadable."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -303,7 +326,7 @@ def _read_json(path):
 
 def read_manifest(out_dir):
   """manifest.json of a packed directory, with its format and version checked."""
-  manifest = _read_json(os.path.join(out_dir, MANIFEST))
+  manifest = read_json(os.path.join(out_dir, MANIFEST))
   if manifest.get('format') != FORMAT:
     raise BitbertError(f'{out_dir}/{MANIFEST}: format {manifest.get("format")!r} is not '
                        f'{FORMAT!r}; is this a packed bitbert_jax export?')
@@ -345,8 +368,19 @@ def _new_tmp_dir(out_dir, overwrite):
   return out_dir, tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
 
 
+def _umask():
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _commit_dir(tmp, out_dir):
   """Renames tmp to out_dir; an existing out_dir is moved aside and removed only on success."""
+  # mkdtemp makes 0700: give the artifact the modes a plain mkdir / open would have.
+  mask = _umask()
+  os.chmod(tmp, 0o777 & ~mask)
+  for name in os.listdir(tmp):
+    os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
   if not os.path.exists(out_dir):
     os.rename(tmp, out_dir)
     return
@@ -526,7 +560,7 @@ def load_student(directory):
   listing = ', '.join(sorted(os.listdir(directory))) or '(empty)'
   stage = _stage_output(directory)
   if stage is not None:
-    info = _read_json(os.path.join(stage, 'stage.json'))
+    info = read_json(os.path.join(stage, 'stage.json'))
     if 'model_config' not in info or 'policy' not in info:
       raise BitbertError(f'{stage}/stage.json: lacks model_config or policy')
     cfg, pol = info['model_config'], info['policy']
@@ -534,8 +568,8 @@ def load_student(directory):
     params, model_state = tree.get('params'), tree.get('model_state') or {}
     source = stage
   elif os.path.isfile(os.path.join(directory, 'params.msgpack')):
-    cfg = _read_json(os.path.join(directory, 'model_config.json'))
-    pol = _read_json(os.path.join(directory, 'policy.json'))
+    cfg = read_json(os.path.join(directory, 'model_config.json'))
+    pol = read_json(os.path.join(directory, 'policy.json'))
     tree = _load_params_msgpack(os.path.join(directory, 'params.msgpack'))
     params, model_state = tree.get('params', tree), tree.get('model_state') or {}
     source = directory

@@ -324,6 +324,10 @@ def _last_dev(results):
 
 def _export_hf(out_dir, teacher, tokenizer_dir):
   if not os.path.exists(out_dir) and jax.process_index() == 0:
+    parent, stale = os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-'
+    for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
+      if name.startswith(stale):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, out_dir,
                           tokenizer_dir=tokenizer_dir)
 

@@ -13,10 +13,9 @@ import argparse
 import csv
 import dataclasses
 import functools
-import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,6 +72,7 @@ class PackedModel:
     return self._logits_fn(self.variables, input_ids, attention_mask, token_type_ids)
 
 
+@functools.lru_cache(maxsize=16)
 def _expected(config, policy):
   """Path -> ShapeDtypeStruct of the packed model's parameters."""
   abstract = jax.eval_shape(lambda: nn.meta.unbox(BertModel(config, policy).init(
@@ -111,10 +111,11 @@ def _load_tokenizer(directory, manifest):
     raise BitbertError(f'{directory}: cannot load the tokenizer ({type(e).__name__}: {e})') from e
 
 
-def load_packed(directory, verify=True):
+def load_packed(directory, verify=True, tokenizer=True):
   """Loads a packed directory -> PackedModel (weights stay packed; nothing dequantized).
 
   verify: check the weights file's sha256 against manifest.json (catches truncated copies).
+  tokenizer: load the tokenizer files too (needed by `predict`; not by `PackedModel.logits`).
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
@@ -126,10 +127,13 @@ def load_packed(directory, verify=True):
   if verify and export.sha256_file(weights) != manifest['weights_sha256']:
     raise BitbertError(f'{weights}: sha256 differs from {export.MANIFEST}; the file is '
                        f'damaged or was replaced; re-export or copy it again')
-  config = BertConfig.from_dict(export._read_json(os.path.join(directory, export.CONFIG)))  # pylint: disable=protected-access
   try:
-    policy = QuantPolicy.from_dict(export._read_json(os.path.join(directory, export.POLICY)))  # pylint: disable=protected-access
-  except (TypeError, KeyError) as e:
+    config = BertConfig.from_dict(export.read_json(os.path.join(directory, export.CONFIG)))
+  except (TypeError, ValueError) as e:
+    raise BitbertError(f'{directory}/{export.CONFIG}: not a BertConfig ({e})') from e
+  try:
+    policy = QuantPolicy.from_dict(export.read_json(os.path.join(directory, export.POLICY)))
+  except (TypeError, KeyError, ValueError) as e:
     raise BitbertError(f'{directory}/{export.POLICY}: not a QuantPolicy ({e})') from e
   policy = dataclasses.replace(policy, packed=True)
   try:
@@ -143,8 +147,8 @@ def load_packed(directory, verify=True):
   state = {c: traverse_util.unflatten_dict(t, sep='/') for c, t in state.items()}
   _check_tensors(directory, tensors, config, policy)
   params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep='/')
-  return PackedModel(config, policy, params, state, _load_tokenizer(directory, manifest),
-                     manifest, directory)
+  tok = _load_tokenizer(directory, manifest) if tokenizer else None
+  return PackedModel(config, policy, params, state, tok, manifest, directory)
 
 
 # ---------------------------------------------------------------------------------------------

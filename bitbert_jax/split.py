@@ -18,7 +18,12 @@ a = (S_I - sum_{J u K} r |w|) / (2 S_I). The reference picks r = +1 on J and -1 
 fallback balances sum r |w| greedily so that |sum r |w|| <= max_{J u K} |w| < alpha <= S_I,
 which puts `a` strictly inside (0, 1) and keeps every sign right.
 
-Arithmetic is float64 (numpy); the halves are returned in the input's dtype.
+Arithmetic is float64 (numpy); the halves are returned in the input's dtype. t and alpha are
+the ones `quantizers.ternary` computes in float32 on the layout the layer quantizes (a weight
+within an ulp of the 0.7 mean|w| threshold falls on the side that float32 mean decides).
+In float32 the binary model rebuilds the ternary weights to within about 2 ulp(alpha), not bit
+for bit: alpha1 = fl(mean|w1|) and alpha2 = fl(mean|w2|) round independently (tests/test_split.py
+says why no split can do better in general).
 """
 import dataclasses
 

@@ -5,6 +5,7 @@ step, evaluate, checkpoint, resume and report.
 """
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -289,6 +290,20 @@ def _flat_metrics(evals):
           for k, v in m.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def _optimizer_and_step(model_config, policy, teacher_config, objective, lr, steps, warmup_steps,
+                        weight_decay, clip_norm, accum, field):
+  """(tx, schedule, step function); equal arguments give the same objects, so a stage run
+  again in this process (a retry, a notebook re-run, tests) reuses the compiled step."""
+  tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field)
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  teacher_model = BertModel(teacher_config) if teacher_config is not None else None
+  loss_fn = make_loss_fn(BertModel(model_config, policy), teacher_model, objective,
+                         model_config.is_regression)
+  return tx, schedule, make_train_step(loss_fn, tx)
+
+
 def _fingerprint(settings, total, steps_per_epoch, objective):
   """Settings that fix the step sequence; a resumed stage should match its checkpoint's."""
   return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -336,10 +351,10 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
   accum = settings.grad_accum_steps
   if accum < 1:
     raise BitbertError(f'{settings.field}.grad_accum_steps={accum}: must be >= 1')
-  tx, schedule = make_optimizer(settings.lr, max(total // accum, 1), int(warmup) // accum,
-                                settings.weight_decay, settings.clip_norm, field=settings.field)
-  if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  tx, schedule, train_step = _optimizer_and_step(
+      state.model_config, state.policy, teacher.config if teacher is not None else None,
+      objective, settings.lr, max(total // accum, 1), int(warmup) // accum,
+      settings.weight_decay, settings.clip_norm, accum, settings.field)
 
   state = state.replace(step=jnp.zeros((), jnp.int32))
   teacher_model = BertModel(teacher.config) if teacher is not None else None
@@ -362,11 +377,9 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
     teacher_params = jax.device_put(teacher.params,
                                     param_shardings(mesh, teacher_model, teacher.params))
 
-  loss_fn = make_loss_fn(state.model, teacher_model, objective,
-                         state.model_config.is_regression)
   batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
   t_sh = jax.tree.map(lambda x: x.sharding, teacher_params) if teacher_params else None
-  step_fn = jax.jit(make_train_step(loss_fn, tx), in_shardings=(shardings, batch_sh, t_sh),
+  step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sh, t_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   if settings.report_memory:

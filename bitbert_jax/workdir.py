@@ -64,8 +64,9 @@ class Claim:
   training under way) what was written stays, to be resumed.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, active=True):
     self.workdir = os.path.abspath(workdir)
+    self.active = active  # False on the other hosts of a pod: only process 0 writes
     self._created = []  # directories made by this run, outermost first
     self._committed = False
     self._lock = None
@@ -73,6 +74,8 @@ class Claim:
     self._before = set()
 
   def __enter__(self):
+    if not self.active:
+      return self
     parent = self.workdir
     while not os.path.exists(parent):
       self._created.insert(0, parent)
@@ -92,6 +95,8 @@ class Claim:
     self._committed = True
 
   def __exit__(self, exc_type, exc, tb):
+    if not self.active:
+      return
     try:
       if exc_type is not None and not self._committed:
         self._undo()

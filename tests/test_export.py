@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from bitbert_jax import export
 from bitbert_jax.errors import BitbertError
-from bitbert_jax.model import BertConfig, BertModel, init_params
+from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, packing, policy_from_name
 from bitbert_jax.quant.layers import QDense, QEmbed
 from bitbert_jax.split import split_params
@@ -30,7 +30,7 @@ TINY = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attent
 @pytest.fixture(scope='module')
 def small():
   policy = policy_from_name('1-1-8')
-  return SMALL, init_params(SMALL, policy, jax.random.PRNGKey(0)), policy
+  return SMALL, export.random_params(SMALL, policy, 0), policy
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +104,7 @@ def test_size_accounting(small, small_packed):
 
 def test_split_student_packs_two_bit_planes(tmp_path):
   policy = policy_from_name('2-2-8', weight_groups='row')
-  params, bpolicy = split_params(init_params(TINY, policy, jax.random.PRNGKey(1)), policy)
+  params, bpolicy = split_params(export.random_params(TINY, policy, 1), policy)
   out = export.pack(TINY, params, bpolicy, tmp_path / 'split', float_dtype='float32')
   manifest = export.read_manifest(out)
   rec = manifest['tensors']['encoder/layer_0/intermediate/kernel_codes']
@@ -139,7 +139,7 @@ def test_pack_refuses_bad_input_and_writes_nothing(small, tmp_path):
 
 
 def test_pack_overwrite_and_tokenizer_files(tmp_path):
-  params = init_params(TINY, policy_from_name('1-1-8'), jax.random.PRNGKey(2))
+  params = export.random_params(TINY, policy_from_name('1-1-8'), 2)
   out = tmp_path / 'out'
   os.makedirs(out)
   export.pack(TINY, params, policy_from_name('1-1-8'), out, tokenizer_dir=_tokenizer_dir(),
@@ -155,7 +155,7 @@ def test_export_recomputes_the_layers_weights_bit_for_bit(name, groups):
   """Drift check against layers.py: the identity fed to every QDense gives its kernel."""
   split = groups == 'split'
   policy = policy_from_name(name, weight_groups=1 if split else groups)
-  params = init_params(TINY, policy, jax.random.PRNGKey(3))
+  params = export.random_params(TINY, policy, 3)
   if split:
     params, policy = split_params(params, policy)
     policy = dataclasses.replace(policy, act=ActQuant(32))
@@ -179,7 +179,7 @@ def test_export_recomputes_the_layers_weights_bit_for_bit(name, groups):
         lambda mdl, _: isinstance(mdl, QEmbed)))
   words = out[1]['intermediates']['embeddings']['word_embeddings']['__call__'][0]
   if policy.weight_quant('embeddings/word_embeddings/embedding'):
-    np.testing.assert_array_equal(np.asarray(words),
+    np.testing.assert_array_equal(np.asarray(words)[0],
                                   deq['embeddings/word_embeddings/embedding'][:seq])
   checked = 0
   for path, got in seen.items():
@@ -239,7 +239,7 @@ def test_cli_packs_a_msgpack_student(small, tmp_path, capsys):
 def test_load_student_reads_the_trainers_stage_output(tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   policy = policy_from_name('1-1-8', act_mode='static')
-  params = init_params(TINY, policy, jax.random.PRNGKey(4))
+  params = export.random_params(TINY, policy, 4)
   state = {'quant_stats': {'encoder': {'layer_0': {'intermediate': {
       'act_range': np.array([-1.5, 2.0], np.float32)}}}}}
   stage = tmp_path / 'work' / 'stages' / '03_kd_1bit' / 'output'

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 from bitbert_jax.errors import BitbertError
-from bitbert_jax.model import BertConfig, BertModel, init_params
+from bitbert_jax import export
+from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
 from bitbert_jax.split import split_params, split_ternary
 
@@ -152,7 +153,7 @@ def test_single_element_and_empty():
 
 def test_split_params_maps_the_tree():
   policy = policy_from_name('2-2-8', weight_groups='row')
-  params = init_params(TINY, policy, jax.random.PRNGKey(1))
+  params = export.random_params(TINY, policy, 1)
   bparams, bpolicy = split_params(params, policy)
   assert bpolicy.split and bpolicy.name == '1-1-8' and not policy.split
   assert all(q.bits == 1 for _, q in bpolicy.rules)
@@ -180,18 +181,18 @@ def test_split_params_halves_existing_one_bit_rules():
   # 2-bit linears with 1-bit embeddings: the split policy reads every 1-bit weight with a
   # leading 2, so the 1-bit table becomes [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly).
   policy = policy_from_name('2-1-32')
-  params = init_params(TINY, policy, jax.random.PRNGKey(2))
+  params = export.random_params(TINY, policy, 2)
   bparams, bpolicy = split_params(params, policy)
   emb = params['embeddings']['word_embeddings']['embedding']
   np.testing.assert_array_equal(bparams['embeddings']['word_embeddings']['embedding'][0], emb / 2)
   ids = jnp.arange(40).reshape(2, 20)
-  a = BertModel(TINY, policy).apply({'params': params}, ids).logits
-  b = BertModel(TINY, bpolicy).apply({'params': bparams}, ids).logits
-  np.testing.assert_allclose(a, b, atol=1e-5)
+  mask = jnp.ones_like(ids)
+  np.testing.assert_allclose(_logits(TINY, bpolicy, bparams, ids, mask),
+                             _logits(TINY, policy, params, ids, mask), rtol=0, atol=1e-5)
 
 
 def test_split_params_refuses_bad_input():
-  params = init_params(TINY, policy_from_name('2-2-8'))
+  params = export.random_params(TINY, policy_from_name('2-2-8'))
   with pytest.raises(BitbertError, match='no 2-bit'):
     split_params(params, policy_from_name('1-1-8'))
   with pytest.raises(BitbertError, match='already split'):
@@ -211,14 +212,15 @@ def test_split_params_refuses_bad_input():
 # Model-level equivalence.
 
 
-def _logits(config, policy, params, ids, mask, types=None):
-  return np.asarray(BertModel(config, policy).apply({'params': params}, ids, mask, types).logits)
+def _logits(config, policy, params, ids, mask):
+  fn = jax.jit(lambda p, i, m: BertModel(config, policy).apply({'params': p}, i, m).logits)
+  return np.asarray(fn(params, ids, mask))
 
 
 @pytest.mark.parametrize('groups', [1, 'row'])
 def test_tiny_model_split_equals_ternary(groups):
   policy = policy_from_name('2-2-8', weight_groups=groups)
-  params = init_params(TINY, policy, jax.random.PRNGKey(3))
+  params = export.random_params(TINY, policy, 3)
   bparams, bpolicy = split_params(params, policy)
   ids = jax.random.randint(jax.random.PRNGKey(4), (4, 24), 0, TINY.vocab_size)
   mask = jnp.ones_like(ids).at[:, 18:].set(0)

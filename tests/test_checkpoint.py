@@ -1,0 +1,258 @@
+"""Checkpoints: last N kept, steps/time triggers, damage detected (previous one used), exact
+resume of `train.train` after a crash, and the best-on-dev parameters surviving a restart."""
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitbert_jax import checkpoint as ckpt_lib
+from bitbert_jax import sharding, train
+from bitbert_jax.data import get_task
+from bitbert_jax.data.tokenize import EncodedSplit, ragged
+from bitbert_jax.errors import BitbertError
+from bitbert_jax.logs import MetricsWriter
+from bitbert_jax.model import BertConfig, init_params
+from bitbert_jax.train_state import new_state
+
+# Tiny setup shared with test_nonfinite: a 1-layer 16-wide BERT on random token ids.
+TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=32, num_labels=2,
+                  label_names=('not_equivalent', 'equivalent'))
+
+
+class Crash(Exception):
+  """Stands in for a kill between two steps."""
+
+
+def tiny_split(n=48, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(5, 16, n).astype(np.int32)
+  ids = [np.concatenate([[2], rng.integers(4, 64, l - 2), [3]]).astype(np.int32)
+         for l in lengths]
+  return EncodedSplit(ragged(ids), ragged([np.zeros(l, np.int32) for l in lengths]),
+                      rng.integers(0, 2, n).astype(np.int32), lengths, 16)
+
+
+class Batches(train.TaskBatches):
+  """TaskBatches that can crash before global step `crash_at` or poison given steps."""
+
+  def __init__(self, crash_at=None, poison=None, poison_value=np.nan):
+    super().__init__(tiny_split(), 8, seed=0)
+    self.crash_at, self.poison, self.poison_value = crash_at, dict(poison or {}), poison_value
+    self.step = 0  # global step of the batch last handed out (1-based)
+
+  def epoch(self, epoch, start=0):
+    for i, batch in enumerate(super().epoch(epoch, start)):
+      self.step = epoch * self.steps_per_epoch() + start + i + 1
+      if self.crash_at is not None and self.step == self.crash_at:
+        raise Crash(f'killed before step {self.step}')
+      if self.step in self.poison:
+        batch = dict(batch, weights=np.full_like(batch['weights'], self.poison[self.step]))
+      yield batch
+
+
+def tiny_train(workdir, batches, **settings):
+  """Runs `train.train` on TINY with a label loss; returns (state, evals)."""
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  kw = dict(lr=1e-3, epochs=2.0, batch_size=8, warmup=0.1, log_every=1,
+            checkpoint_every_steps=1, checkpoint_every_secs=0.0, keep_checkpoints=2,
+            report_memory=False, field='config.stages.tiny')
+  kw.update(settings)
+  state = new_state(TINY, init_params(TINY, rng=jax.random.PRNGKey(0)),
+                    rng=jax.random.PRNGKey(1))
+  writer = MetricsWriter(workdir, enabled=True)
+  try:
+    return train.train(state, name='tiny', objective=train.Objective(('label',)),
+                       settings=train.Settings(**kw), batches=batches, mesh=mesh,
+                       workdir=workdir, writer=writer, task=get_task('mrpc'),
+                       dev_sets={'validation': tiny_split(16, seed=1)})
+  finally:
+    writer.close()
+
+
+def fake_evaluate(batches):
+  """Dev score = -step: the best is always the first evaluation."""
+  def evaluate(*args):
+    del args
+    return {'validation': {'accuracy': -batches.step}, 'score': float(-batches.step)}
+  return evaluate
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+# StageCheckpoints on its own.
+
+
+def tree(value):
+  return {'a': jnp.full((4, 8), value, jnp.float32), 'b': {'c': jnp.arange(5, dtype=jnp.int32)}}
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """Checkpoints of steps 1..4 with keep=2: steps 3 and 4 remain."""
+  ckpts = ckpt_lib.StageCheckpoints(tmp_path / 'ck', keep=2)
+  for step in range(1, 5):
+    assert ckpts.save(step, tree(float(step)), {'step': step})
+  ckpts.close()
+  return str(tmp_path / 'ck')
+
+
+def restore(directory):
+  ckpts = ckpt_lib.StageCheckpoints(directory, keep=2)
+  try:
+    return ckpts.restore_latest(ckpt_lib.abstract_like(tree(0.0))), ckpts.all_steps()
+  finally:
+    ckpts.close()
+
+
+def test_keeps_last_n_and_restores_newest(saved):
+  (restored, meta), steps = restore(saved)
+  assert steps == [3, 4] and meta == {'step': 4}
+  assert_trees_equal(restored, tree(4.0))
+
+
+def largest_file(step_dir):
+  """The biggest array data file (not our manifest) of a checkpoint step."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs
+           if f != ckpt_lib.MANIFEST]
+  return max(files, key=os.path.getsize)
+
+
+def truncate(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def flip_byte(path):
+  data = bytearray(open(path, 'rb').read())
+  data[len(data) // 2] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+@pytest.mark.parametrize('damage,needle', [(truncate, 'bytes, expected'),
+                                           (os.remove, 'is missing'),
+                                           (flip_byte, 'wrong CRC-32')])
+def test_damaged_latest_falls_back_to_previous(saved, damage, needle, caplog):
+  victim = largest_file(os.path.join(saved, '4'))
+  damage(victim)
+  with caplog.at_level(logging.WARNING, logger='bitbert_jax'):
+    (restored, meta), steps = restore(saved)
+  assert meta == {'step': 3} and steps == [3]  # the damaged step is gone, so it can be redone
+  assert_trees_equal(restored, tree(3.0))
+  warning = ' '.join(r.getMessage() for r in caplog.records)
+  assert os.path.join(saved, '4') in warning and needle in warning and victim in warning
+  assert 'using step 3 instead' in warning
+
+
+def test_all_damaged_means_start_over(saved, caplog):
+  for step in ('3', '4'):
+    os.remove(largest_file(os.path.join(saved, step)))
+  with caplog.at_level(logging.WARNING, logger='bitbert_jax'):
+    restored, steps = restore(saved)
+  assert restored is None and steps == []
+  assert 'starting over' in caplog.text
+
+
+def test_intact_checkpoint_of_another_model_is_refused_not_deleted(saved):
+  ckpts = ckpt_lib.StageCheckpoints(saved, keep=2)
+  other = ckpt_lib.abstract_like({'a': jnp.zeros((4, 9)), 'b': {'c': jnp.zeros(5, jnp.int32)}})
+  with pytest.raises(BitbertError, match=r'does not fit this stage.*another config'):
+    ckpts.restore_latest(other)
+  ckpts.close()
+  assert sorted(os.listdir(saved)) == ['3', '4']
+
+
+def test_saving_a_saved_step_again_is_a_no_op(saved):
+  ckpts = ckpt_lib.StageCheckpoints(saved, keep=2)
+  assert not ckpts.save(4, tree(9.0), {'step': 4})
+  ckpts.close()
+  (restored, _), _ = restore(saved)
+  assert_trees_equal(restored, tree(4.0))
+
+
+def test_triggers_by_steps_and_wall_time(tmp_path, monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(ckpt_lib.time, 'time', lambda: now[0])
+  ckpts = ckpt_lib.StageCheckpoints(tmp_path / 'ck', every_steps=5, every_secs=60.0)
+  assert [s for s in range(1, 11) if ckpts.due(s)] == [5, 10]
+  now[0] += 61
+  assert ckpts.due(7)
+  ckpts.save(7, tree(7.0), {'step': 7})
+  assert not ckpts.due(8)  # the clock restarts at each save
+  ckpts.close()
+  never = ckpt_lib.StageCheckpoints(tmp_path / 'ck2')
+  assert not any(never.due(s) for s in range(1, 100))
+  never.close()
+
+
+def test_half_written_save_is_cleaned_up(saved):
+  tmp = os.path.join(saved, '5.orbax-checkpoint-tmp-1234')
+  os.makedirs(os.path.join(tmp, 'state'))
+  (_, meta), steps = restore(saved)
+  assert meta == {'step': 4} and steps == [3, 4]
+  assert not os.path.exists(tmp)
+
+
+def test_manifest_names_the_problem(tmp_path):
+  d = tmp_path / 'out'
+  (d / 'sub').mkdir(parents=True)
+  (d / 'sub' / 'x.bin').write_bytes(b'abcdef')
+  ckpt_lib.write_manifest(str(d))
+  assert ckpt_lib.verify_manifest(str(d)) is None
+  (d / 'sub' / 'x.bin').write_bytes(b'abc')
+  assert 'x.bin has 3 bytes, expected 6' in ckpt_lib.verify_manifest(str(d))
+  assert ckpt_lib.verify_manifest(str(tmp_path / 'nothing')).endswith('is missing')
+
+
+# Through train.train: crash, damage, resume.
+
+
+@pytest.fixture(scope='module')
+def clean_run(tmp_path_factory):
+  batches = Batches()
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'evaluate', fake_evaluate(batches))
+    return tiny_train(str(tmp_path_factory.mktemp('clean')), batches, eval_every=2)
+
+
+def test_crash_damage_resume_equals_uninterrupted(clean_run, tmp_path, monkeypatch, caplog):
+  workdir = str(tmp_path)
+  batches = Batches(crash_at=8)
+  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  with pytest.raises(Crash):
+    tiny_train(workdir, batches, eval_every=2)
+  ck = os.path.join(workdir, 'checkpoints')
+  assert sorted(os.listdir(ck)) == ['6', '7']
+  victim = largest_file(os.path.join(ck, '7'))
+  truncate(victim)  # the newest checkpoint is damaged: resume from step 6
+  batches.crash_at = None
+  with caplog.at_level(logging.INFO, logger='bitbert_jax'):
+    state, evals = tiny_train(workdir, batches, eval_every=2)
+  assert victim in caplog.text and 'resumed from step 6' in caplog.text
+  clean_state, clean_evals = clean_run
+  # The best (first) evaluation, at step 2, was only in the checkpoints: it survived.
+  assert evals == clean_evals and evals['score'] == -2.0
+  assert_trees_equal(state.params, clean_state.params)
+  assert_trees_equal(state.model_state, clean_state.model_state)
+
+
+def test_resume_after_the_last_step_returns_the_same(clean_run, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  batches = Batches()
+  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  first_state, first_evals = tiny_train(workdir, batches, eval_every=2, keep_best=False)
+  # A re-run (stage output lost, checkpoints kept) trains nothing and returns the same.
+  monkeypatch.setattr(train, 'evaluate', lambda *a: pytest.fail('evaluated again'))
+  state, evals = tiny_train(workdir, Batches(crash_at=1), eval_every=2, keep_best=False)
+  assert evals == first_evals and evals['score'] == -12.0  # the last evaluation, step 12
+  assert_trees_equal(state.params, first_state.params)
