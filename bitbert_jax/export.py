@@ -47,9 +47,9 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant import packing
+from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kernel_planes
 from bitbert_jax.quant.packed_layers import CODES_SUFFIX, SCALE_SUFFIX
 from bitbert_jax.quant.policy import QuantPolicy
-from bitbert_jax.quant.quantizers import quantize_weight
 
 FORMAT = 'bitbert-packed'
 FORMAT_VERSION = 1
@@ -138,42 +138,35 @@ def _split_biases(flat, policy):
 # Encoding.
 
 
-def layer_quantized_planes(path, value, quant, split):
-  """The fake-quantized planes a layer computes with, each output-major [rows, cols] float32.
+def layer_planes(policy, path, value):
+  """The codes and scales a layer computes with: (codes int8 [P, rows, cols], scales float32
+  [P, G], groups), output-major (kernels [in, out] as [out, in]); P = 2 planes when split.
 
-  value: the latent weight ([in, out] kernel or [V, H] table; split: leading axis of 2).
-  Quantizes in the layout the layer does (`packing.quantized_as_stored`), so the values are
-  the layer's bit for bit, then returns them output-major (kernels transposed to [out, in]).
+  value: the latent weight ([in, out] kernel or [V, H] table; split: leading axis of 2). The
+  layers' own functions (`layers.quantized_kernel_planes` / `quantized_embedding_planes`)
+  quantize it, so codes * scale is the layer's quantized weight bit for bit.
   """
-  w = np.asarray(value, np.float32)
-  planes = w if split else w[None]
-  is_kernel = path.endswith('/kernel')
-  rows = planes.shape[-1] if is_kernel else planes.shape[-2]
-  groups = packing.resolve_groups(quant.num_groups, rows)
-  transpose = is_kernel and not packing.quantized_as_stored(groups)
-  out = []
-  for plane in planes:
-    view = plane.T if transpose else plane
-    q = np.asarray(quantize_weight(jnp.asarray(view), quant.bits, groups))
-    q = q.T if transpose else q
-    out.append((q.T, plane.T) if is_kernel else (q, plane))  # output-major (value, latent)
-  return out, groups
+  value = jnp.asarray(np.asarray(value, np.float32))
+  if path.endswith('/kernel'):
+    planes = quantized_kernel_planes(policy, path, value, value.shape[-1])
+  else:
+    planes = quantized_embedding_planes(policy, path, value)
+  codes = np.asarray(planes.output_major_codes())
+  int_codes = codes.astype(np.int8)
+  if not np.array_equal(int_codes, codes):
+    raise BitbertError(f'{path}: quantized codes are not integers in int8 range')
+  return int_codes, np.asarray(planes.scales, np.float32), planes.groups
 
 
-def encode_weight(path, value, quant, split):
+def encode_weight(policy, path, value):
   """One quantized latent weight -> (codes uint8 [P?, rows, row_bytes], scales f32 [P?, G]).
 
   rows x cols is the output-major matrix (kernels [in, out] become [out, in]); P = 2 planes
   only when split. code * scale reproduces the layer's quantized weight bit for bit.
   """
-  planes, groups = layer_quantized_planes(path, value, quant, split)
-  codes, scales = [], []
-  for q, latent in planes:
-    c, s = packing.codes_and_scales(q, quant.bits, groups, latent=latent)
-    codes.append(packing.pack_codes(c, quant.bits))
-    scales.append(s)
-  codes, scales = np.stack(codes), np.stack(scales)
-  return (codes, scales) if split else (codes[0], scales[0])
+  codes, scales, _ = layer_planes(policy, path, value)
+  packed = packing.pack_codes(codes, policy.weight_quant(path).bits)
+  return (packed, scales) if policy.is_split(path) else (packed[0], scales[0])
 
 
 def _float_part(path, value, dtype):
@@ -223,7 +216,7 @@ def packed_tensors(config, params, policy, float_dtype='float16', model_state=No
                        'summed_split_bias': path in summed}
       continue
     split = policy.is_split(path)
-    codes, scales = encode_weight(path, value, quant, split)
+    codes, scales = encode_weight(policy, path, value)
     leaf = path.rpartition('/')[2]
     rows, cols = np.shape(value)[-2:][::-1] if leaf == 'kernel' else np.shape(value)[-2:]
     groups = packing.resolve_groups(quant.num_groups, rows)
@@ -462,8 +455,9 @@ def dequantized_params(params, policy):
     quant = policy.weight_quant(path)
     v = np.asarray(value, np.float32)
     if quant is not None:
-      planes, _ = layer_quantized_planes(path, v, quant, policy.is_split(path))
-      merged = planes[0][0] if len(planes) == 1 else planes[0][0] + planes[1][0]
+      codes, scales, groups = layer_planes(policy, path, v)
+      planes = [packing.dequantize(c, s, groups) for c, s in zip(codes, scales)]
+      merged = planes[0] if len(planes) == 1 else planes[0] + planes[1]
       v = merged.T if path.endswith('/kernel') else merged
     elif path in summed:
       v = v[0] + v[1]

@@ -4,7 +4,9 @@ Flags only; the pipeline runner does the work. Exit status:
   0   done: results.json (and the exports) written.
   2   bad input (a config field, data file, checkpoint, a workdir in use): one line on stderr
       naming the culprit and the valid choices. Inputs are checked before anything is
-      written, so such a run leaves the workdir as it found it.
+      written, so such a run leaves the workdir as it found it. Also a NaN/inf loss or
+      gradient norm (stage and step named; the newest checkpoint predates it; see
+      config.train.skip_nonfinite).
   75  (EX_TEMPFAIL) preempted: SIGTERM wrote a checkpoint; re-run the same command to resume.
 A run killed any other way (SIGKILL, power loss) also resumes when the same command is re-run,
 from the newest checkpoint, and ends bitwise equal (on CPU) to an uninterrupted run.

@@ -19,8 +19,8 @@ fallback balances sum r |w| greedily so that |sum r |w|| <= max_{J u K} |w| < al
 which puts `a` strictly inside (0, 1) and keeps every sign right.
 
 Arithmetic is float64 (numpy); the halves are returned in the input's dtype. t and alpha are
-the ones `quantizers.ternary` computes in float32 on the layout the layer quantizes (a weight
-within an ulp of the 0.7 mean|w| threshold falls on the side that float32 mean decides).
+the layer's own, from `layers.quantized_kernel_planes` (a weight within an ulp of the 0.7
+mean|w| threshold falls on the side the layer's float32 mean decides).
 In float32 the binary model rebuilds the ternary weights to within about 2 ulp(alpha), not bit
 for bit: alpha1 = fl(mean|w1|) and alpha2 = fl(mean|w2|) round independently (tests/test_split.py
 says why no split can do better in general).
@@ -34,6 +34,7 @@ from flax import traverse_util
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.quant import packing
 from bitbert_jax.quant import quantizers
+from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kernel_planes
 
 
 _BLOCK = 1 << 16  # elements per float64 work block
@@ -41,9 +42,8 @@ _BLOCK = 1 << 16  # elements per float64 work block
 
 def _ternary_groups(w, num_groups):
   """(t [G, n] in {-1, 0, 1}, alpha [G]) exactly as `quantizers.ternary` computes them."""
-  q = np.asarray(quantizers.ternary(jnp.asarray(w, jnp.float32), num_groups), np.float64)
-  q = q.reshape(num_groups, -1)
-  return np.sign(q), np.abs(q).max(axis=1)
+  t, alpha = quantizers.weight_codes(jnp.asarray(w, jnp.float32), 2, num_groups)
+  return np.asarray(t, np.float64).reshape(num_groups, -1), np.asarray(alpha, np.float64)
 
 
 def _balanced_carriers(absw):
@@ -91,13 +91,17 @@ def _split_block(w, t, alpha):
   return w1, w2
 
 
-def split_ternary(w, num_groups=1):
+def split_ternary(w, num_groups=1, codes=None, alpha=None):
   """Splits a latent ternary weight into two binary latent halves.
 
   Args:
     w: array of any shape; groups are `num_groups` equal consecutive chunks of the flattened
       tensor (rows of an output-major matrix when num_groups = rows), as in quantizers.
     num_groups: int dividing w.size; each group is split with its own ternary alpha.
+    codes, alpha: w's ternary codes t (w's shape, in {-1, 0, 1}) and scales [num_groups], as the
+      model's layer computes them (`layers.quantized_kernel_planes`); by default
+      `quantizers.weight_codes(w, 2, num_groups)`. A weight within an ulp of the ternary
+      threshold falls on the side the layer's float32 statistics decide, so pass the layer's.
 
   Returns:
     (w1, w2), each w's shape and float dtype, with w1 + w2 = w (up to the dtype's rounding),
@@ -108,7 +112,17 @@ def split_ternary(w, num_groups=1):
   if w.size == 0:
     raise BitbertError(f'cannot split an empty tensor (shape {list(w.shape)})')
   dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
-  t, alpha = _ternary_groups(w, num_groups)
+  if (codes is None) != (alpha is None):
+    raise BitbertError('split_ternary: give both codes and alpha, or neither')
+  if codes is None:
+    t, alpha = _ternary_groups(w, num_groups)
+  else:
+    packing.group_size(w.shape, num_groups)  # raises when num_groups does not divide w
+    t = np.asarray(codes, np.float64).reshape(num_groups, -1)
+    alpha = np.asarray(alpha, np.float64).reshape(num_groups)
+    if t.size != w.size or not np.all(np.isin(t, (-1.0, 0.0, 1.0))):
+      raise BitbertError(f'split_ternary: codes must be w\'s shape {list(w.shape)} with values '
+                         f'in {{-1, 0, 1}}')
   flat = w.reshape(num_groups, -1)
   w1 = np.empty(flat.shape, dtype)
   w2 = np.empty(flat.shape, dtype)
@@ -160,9 +174,9 @@ def split_params(params, policy):
 
   Returns:
     (binary_params, binary_policy). For every parameter under a 2-bit rule: a kernel [in, out]
-    is split in the layout its layer quantizes (output-major [out, in] when it has several
-    groups, so that 'row' groups are output rows; as stored with one group) and stacked to
-    [2, in, out]; its layer's bias [out] becomes [b/2, b/2] ([2, out]); a word
+    is split per group of its output-major [out, in] matrix ('row' groups are output rows) with
+    the ternary codes and alphas its layer computes (`layers.quantized_kernel_planes`) and
+    stacked to [2, in, out]; its layer's bias [out] becomes [b/2, b/2] ([2, out]); a word
     embedding table [V, H] is split per its rule (one group per row) into [2, V, H]. Parameters
     under a 1-bit rule, which the split policy also reads with a leading axis of 2, become
     [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly; their bias likewise). Everything else is
@@ -181,14 +195,20 @@ def split_params(params, policy):
                          f'and embedding tables can be split')
     _check_matrix(path, value)
     w = np.asarray(value, np.float32)
-    groups = packing.resolve_groups(quant.num_groups, w.shape[1] if leaf == 'kernel' else
-                                    w.shape[0])
-    # Split in the layout the layer quantizes (see packing.quantized_as_stored): the ternary
-    # mask and alpha must be the ones the trained model computes, bit for bit.
-    transpose = leaf == 'kernel' and not packing.quantized_as_stored(groups)
-    view = w.T if transpose else w
-    halves = split_ternary(view, groups) if quant.bits == 2 else (view / 2, view / 2)
-    out[path] = jnp.asarray(np.stack([h.T if transpose else h for h in halves]))
+    if quant.bits == 1:  # BWN(w/2) + BWN(w/2) = BWN(w) exactly, in any layout
+      halves = (w / 2, w / 2)
+    else:
+      # The layer's own ternary codes and alphas (layers.quantized_*_planes decides the layout
+      # the quantizer sees), split in the output-major layout whose chunks are the groups.
+      if leaf == 'kernel':
+        planes = quantized_kernel_planes(policy, path, w, w.shape[1])
+      else:
+        planes = quantized_embedding_planes(policy, path, w)
+      t = np.asarray(planes.output_major_codes()[0])
+      view = w.T if planes.transposed else w
+      halves = split_ternary(view, planes.groups, codes=t, alpha=planes.scales[0])
+      halves = [h.T for h in halves] if planes.transposed else halves
+    out[path] = jnp.asarray(np.stack(halves))
     bias_path = f'{module}/bias'
     if leaf == 'kernel' and bias_path in flat:
       bias = np.asarray(flat[bias_path], np.float32)

@@ -33,16 +33,13 @@ def stage_names(config):
     if kind not in stages_lib.STAGES:
       raise BitbertError(f'config.stages.{n}.kind={kind!r} is not a stage; valid: '
                          f'{", ".join(stages_lib.STAGES)}')
-  duplicates = sorted({n for n in names if names.count(n) > 1})
-  if duplicates:
-    raise BitbertError(f'config.pipeline lists {", ".join(duplicates)} more than once; each '
-                       'stage runs once (define a second section to repeat a kind)')
   return names
 
 
 def validate_config(config, num_devices=None):
   """Checks every field of a run's config; returns the pipeline's stage names."""
   names = stage_names(config)
+  _check_int(config.seed, 'config.seed', 0)
   _check_task(config.task)
   _check_choice(config.model.dtype, 'config.model.dtype', _dtypes())
   _check_bool(config.model.remat, 'config.model.remat')
@@ -103,10 +100,12 @@ def _check_task(t):
     _check_custom_task(t)
     return
   try:
-    data_lib.get_task(t.name)
+    task = data_lib.get_task(t.name)
   except BitbertError as e:
     raise BitbertError(f'config.task.name: {e}; or set config.task.train_file for your own '
                        'data') from None
+  _check_int(t.max_length, 'config.task.max_length', 2 * len(task.text_fields) + 1,
+             f' ([CLS], [SEP] and a token per text of {task.name})')
   if t.glue_dir and t.glue_dir != SAMPLE_GLUE and not os.path.isdir(t.glue_dir):
     raise BitbertError(f'config.task.glue_dir={t.glue_dir!r}: no such directory; valid: the '
                        'GLUE root holding MRPC/, SST-2/, ... (or env GLUE_DIR), \'\' for the '
@@ -159,6 +158,7 @@ def _check_train(t):
   _check_int(t.keep_checkpoints, 'config.train.keep_checkpoints', 1)
   _check_bool(t.skip_nonfinite, 'config.train.skip_nonfinite')
   _check_int(t.get('grad_accum_steps', 1), 'config.train.grad_accum_steps', 1)
+  _check_bool(t.get('report_memory', False), 'config.train.report_memory')
 
 
 def _check_mesh(mesh, num_devices):
@@ -203,8 +203,8 @@ def _check_stage(config, name, before, data_parallel):
     _check_bits(config, s.get('bits'), f'{field}.bits')
   if kind == 'augment':
     from bitbert_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
-    augment_lib._check_settings(s.get('copies', 20), s.get('probability', 0.4),  # pylint: disable=protected-access
-                                s.get('candidates', 15), field)
+    check = augment_lib._check_settings  # pylint: disable=protected-access
+    check(s.get('copies', 20), s.get('probability', 0.4), s.get('candidates', 15), field)
 
 
 def _check_training_stage(config, s, field, data_parallel):
@@ -269,7 +269,9 @@ def _check_export(e):
 
 
 def needs_pretrained(config, names):
-  return any(config.stages[n].kind in ('init_student', 'general_kd', 'finetune') for n in names)
+  """Whether a stage reads config.pretrained (finetune is skipped when config.teacher is set)."""
+  kinds = ('init_student', 'general_kd') + (() if config.teacher else ('finetune',))
+  return any(config.stages[n].kind in kinds for n in names)
 
 
 def _check_paths(config, names):
@@ -377,6 +379,10 @@ def check_models(config, names, task, tokenizer, pretrained=None, teacher=None):
                            f'has only {depth} layers; valid: 1..{depth} (0: all)')
       student_layers = layers or xtc_default_layers(depth, s.get('num_layers') or depth)
       student = task_teacher[0].replace(num_hidden_layers=len(student_layers))
+    elif kind in ('general_kd', 'task_kd') and student is None:
+      raise BitbertError(f'{field}: no student to distil into; valid: an init_student or '
+                         'reduce_layers stage before it (or a finetune stage, without '
+                         'config.teacher)')
     elif kind == 'general_kd':
       _check_pair(student, pretrained, s, field, 'config.pretrained', student_layers)
     elif kind == 'task_kd':

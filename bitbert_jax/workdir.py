@@ -76,14 +76,21 @@ class Claim:
   def __enter__(self):
     if not self.active:
       return self
+    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+      raise BitbertError(f'--workdir {self.workdir}: exists and is not a directory; give a '
+                         'directory (new or of an earlier run of this config)')
     parent = self.workdir
     while not os.path.exists(parent):
       self._created.insert(0, parent)
       parent = os.path.dirname(parent)
     self._lock_existed = os.path.exists(os.path.join(self.workdir, LOCK))
-    self._lock = Lock(self.workdir)
     try:
+      self._lock = Lock(self.workdir)
       self._lock.__enter__()
+    except OSError as e:
+      self._remove_created_dirs()
+      raise BitbertError(f'--workdir {self.workdir}: cannot create or lock it ({e.strerror}); '
+                         'give a writable directory') from e
     except BaseException:
       self._remove_created_dirs()
       raise

@@ -231,6 +231,9 @@ CASES = [
      r"config.stages.kd_1bit.data='augmented' but no augment stage runs before it"),
     ('no_teacher_at_all', setting(pipeline='reduce,quantize,kd_1bit'),
      r'config.teacher is empty and config.pipeline has no finetune stage'),
+    ('max_length_below_special_tokens', setting(task__max_length=4),
+     r'config.task.max_length=4: need an integer >= 5 \(\[CLS\], \[SEP\] and a token per text'),
+    ('negative_seed', setting(seed=-1), r'config.seed=-1: need an integer >= 0'),
     ('max_length_past_positions', setting(task__max_length=512),
      r'config.task.max_length=512: config.pretrained has only 128 positions; valid: <= 128'),
     # Data.
@@ -267,6 +270,9 @@ CASES = [
     ('teacher_of_another_size', with_multistage(teacher=lambda e: e['narrow_teacher']),
      r'config.stages.fp32_stage1: the student \(hidden_size 32\) is wider than its teacher '
      r'config.teacher \(hidden_size 16\)'),
+    ('no_student_to_distil_into', with_env(teacher='narrow_teacher', pipeline='finetune,kd_1bit'),
+     r'config.stages.kd_1bit: no student to distil into; valid: an init_student or '
+     r'reduce_layers stage before it'),
     ('teacher_vocab_smaller_than_tokenizer', with_env(teacher='small_vocab'),
      r'config.teacher: vocab_size 1000 but the tokenizer has 30522 tokens'),
     ('pretrained_missing', setting(pretrained='/nonexistent/bert'),
@@ -293,6 +299,14 @@ def test_failed_run_leaves_an_existing_workdir_as_it_was(env, tmp_path):
   with pytest.raises(BitbertError, match='bad label'):
     run(c, str(workdir))
   assert os.listdir(workdir) == ['notes.txt']
+
+
+def test_workdir_that_is_a_file_is_refused(env, tmp_path):
+  path = tmp_path / 'run'
+  path.write_text('not a directory')
+  with pytest.raises(BitbertError, match=r'--workdir .*run: exists and is not a directory'):
+    run(xtc(env), str(path))
+  assert path.read_text() == 'not a directory'
 
 
 @pytest.mark.parametrize('name', ['xtc', 'multistage'])

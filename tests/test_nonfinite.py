@@ -9,7 +9,7 @@ import pytest
 
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import train
-from test_checkpoint import Batches, Crash, fake_evaluate, tiny_train  # pylint: disable=g-bad-import-order
+from test_checkpoint import Batches, Crash, fake_evaluate, tiny_train
 
 
 def rows(workdir):
@@ -20,7 +20,8 @@ def rows(workdir):
 def restore_newest(workdir):
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'))
   try:
-    return ckpts.all_steps(), ckpts._manager.restore(max(ckpts.all_steps()))  # pylint: disable=protected-access
+    steps = ckpts.all_steps()
+    return steps, ckpts._manager.restore(max(steps))  # pylint: disable=protected-access
   finally:
     ckpts.close()
 

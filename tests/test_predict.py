@@ -131,13 +131,18 @@ def test_packed_int8_layers_equal_fake_layers(minilm):
 
 
 def test_packed_int8_model_end_to_end(minilm):
+  """The issue's requirement: packed logits = fake-quantized logits (<= 1e-4) on real data.
+
+  Both layers compute on the integer grid (quant/grid.py): exact integer sums, then the same
+  float32 rescale, so the per-token 8-bit activation codes of every layer agree and the logits
+  come out equal (measured: bit for bit on MRPC dev).
+  """
   config, params, policy, model, batches = minilm
   for batch in batches:
     want = _fake_logits(config, policy, params, batch)
     got = np.asarray(model.logits(batch['input_ids'], batch['attention_mask'],
                                   batch['token_type_ids']))
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2)
-    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
 def test_every_quantized_linear_layer_runs_int8_dots(minilm):
@@ -171,9 +176,14 @@ def test_variants_equal_fake(tmp_path, name, groups, int_dots):
   out = export.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
   model = predict.load_packed(out)
   batch = _tiny_batch()
-  diffs = predict.layer_diffs(BertModel(TINY, policy), params, BertModel(TINY, model.policy),
-                              model.params, batch)
-  assert max(diffs.values()) <= 1e-5, max(diffs.items(), key=lambda kv: kv[1])
+  if int_dots:  # the integer grid: equal end to end
+    got = np.asarray(model.logits(batch['input_ids'], batch['attention_mask'],
+                                  batch['token_type_ids']))
+    np.testing.assert_allclose(got, _fake_logits(TINY, policy, params, batch), rtol=0, atol=1e-4)
+  else:  # float matmuls of dequantized weights, rounded apart: each layer fed the same input
+    diffs = predict.layer_diffs(BertModel(TINY, policy), params, BertModel(TINY, model.policy),
+                                model.params, batch)
+    assert max(diffs.values()) <= 1e-5, max(diffs.items(), key=lambda kv: kv[1])
   if name == 'split':  # and the float path: both planes dequantized and summed
     got = np.asarray(dataclasses.replace(model, policy=_a32(model.policy)).logits(
         batch['input_ids'], batch['attention_mask'], batch['token_type_ids']))
@@ -323,7 +333,8 @@ def test_trained_student_round_trip(tmp_path):
   theirs = train_lib.predict(state.model, state.params, state.model_state, encoded, 8,
                              sharding.make_mesh(config.mesh))
   np.testing.assert_array_equal(encoded.labels, gold)
-  np.testing.assert_allclose(logits, theirs, rtol=0, atol=1e-2)
+  # Both compute on the integer grid (quant/grid.py): measured max difference 7e-6.
+  np.testing.assert_allclose(logits, theirs, rtol=0, atol=1e-4)
   np.testing.assert_array_equal(logits.argmax(-1), theirs.argmax(-1))
   assert labels == [model.label_names[i] for i in theirs.argmax(-1)]
   for k, v in results['final']['dev']['validation'].items():

@@ -1,4 +1,6 @@
 """The quantized BERT: a jaxpr walk proves which matmuls see quantized weights; layers; training."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,9 @@ from jax.extend import core as jcore
 
 from bitbert_jax.model import BertConfig, BertModel, init_params
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
+from bitbert_jax.quant import grid, packing
 from bitbert_jax.quant.activations import EMA_MOMENTUM, STATS
-from bitbert_jax.quant.layers import QDense
+from bitbert_jax.quant.layers import QDense, quantized_kernel_planes
 
 TINY = BertConfig(vocab_size=48, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=16, num_labels=2)
@@ -29,9 +32,16 @@ def _apply(cfg, policy, params, ids=IDS):
 
 # --- provenance walk over the jaxpr ---------------------------------------------------------
 # Each jaxpr variable carries tags (kind, name): ('float', path) derives from the parameter at
-# `path` without passing through a quantizer, ('quant', path) through a quantizer (a custom_vjp
-# call defined in bitbert_jax.quant.quantizers) applied to parameters only, ('data', 'ids') from
-# the token ids. A quantizer whose input derives from data is an activation quantizer: tags pass.
+# `path` without passing through a quantizer, ('quant', path) through a value quantizer (a
+# custom_vjp call defined in bitbert_jax.quant.quantizers with one output) applied to parameters
+# only, ('codes', path) and ('scale', path) from the two outputs (integer codes, scales) of a
+# codes quantizer (`weight_codes`), ('data', 'ids') from the token ids. A quantizer whose input
+# derives from data is an activation quantizer: tags pass. Other calls (the integer-grid dense's
+# custom_vjp, jit) are walked into, so a matmul inside them is seen with its operands.
+#
+# A quantized weight's matmul/gather operand must be {('quant', path)} (a value quantizer),
+# {('codes', path), ('scale', path)} (dequantized from codes and scales) or, on the integer
+# grid, {('codes', path)}: the integer codes themselves, the scales applied after the matmul.
 
 
 def _is_quantizer(eqn):
@@ -58,9 +68,12 @@ def _walk(jaxpr, in_tags, uses):
       uses.append((eqn.primitive.name, ins))
     sub = _sub_jaxpr(eqn)
     if _is_quantizer(eqn):
-      if not any(kind == 'data' for kind, _ in union):
-        union = frozenset(('quant' if kind == 'float' else kind, n) for kind, n in union)
-      outs = [union] * len(eqn.outvars)
+      if any(kind == 'data' for kind, _ in union):
+        outs = [union] * len(eqn.outvars)
+      else:
+        kinds = ('quant',) if len(eqn.outvars) == 1 else ('codes', 'scale')
+        outs = [frozenset((k if kind == 'float' else kind, n) for kind, n in union)
+                for k in kinds]
     elif sub is not None and len(sub.invars) == len(ins):
       outs = _walk(sub, ins, uses)
     else:
@@ -80,35 +93,47 @@ def _uses(model, params):
   return paths, uses
 
 
-def _violations(policy, paths, uses):
-  """What contradicts `policy` in the uses: a list of messages (empty when all is well)."""
+def _violations(policy, paths, uses, integer_grid=()):
+  """What contradicts `policy` in the uses: a list of messages (empty when all is well).
+
+  integer_grid: paths whose matmul must take the integer codes alone ({('codes', path)}).
+  """
   bad = []
   for path in paths:
     quantized = policy.weight_quant(path) is not None
     weight_ops = [tags for prim, ins in uses for tags in ins
                   if any(n == path for _, n in tags) and not any(k == 'data' for k, _ in tags)]
     if path.endswith('kernel') or path.endswith('word_embeddings/embedding'):
-      want = {('quant' if quantized else 'float', path)}
+      if path in integer_grid:
+        want = [{('codes', path)}]
+      elif quantized:
+        want = [{('quant', path)}, {('codes', path), ('scale', path)}, {('codes', path)}]
+      else:
+        want = [{('float', path)}]
       if not weight_ops:
         bad.append(f'{path}: no matmul/gather takes it as a weight')
-      bad += [f'{path}: weight operand {sorted(t)} != {sorted(want)}' for t in weight_ops
-              if set(t) != want]
-    wrong = ('float' if quantized else 'quant', path)
-    if any(wrong in tags for _, ins in uses for tags in ins):
-      bad.append(f'{path}: some matmul/gather operand derives from {wrong}')
+      bad += [f'{path}: weight operand {sorted(t)} not one of {want}' for t in weight_ops
+              if set(t) not in want]
+    wrong = {('float', path)} if quantized else {(k, path) for k in ('quant', 'codes', 'scale')}
+    if any(wrong & tags for _, ins in uses for tags in ins):
+      bad.append(f'{path}: some matmul/gather operand derives from {sorted(wrong)}')
   return bad
 
 
 @pytest.mark.parametrize('policy', [
     policy_from_name('1-1-8'),
+    policy_from_name('1-1-8', weight_groups='row', split=True),
     policy_from_name('2-2-8', weight_groups='row', act_mode='static', ffn_output_bits=32),
     policy_from_name('1-1-1'),
     policy_from_name('1-1-4', act_mode='lsq', split=True),
-], ids=['1-1-8', '2-2-8-row-static', '1-1-1-elastic', '1-1-4-lsq-split'])
+], ids=['1-1-8', '1-1-8-row-split', '2-2-8-row-static', '1-1-1-elastic', '1-1-4-lsq-split'])
 def test_jaxpr_quantized_weights_feed_their_matmuls(policy):
   params = jax.eval_shape(lambda: init_params(TINY, policy))  # the walk needs shapes only
   paths, uses = _uses(BertModel(TINY, policy), params)
-  assert not _violations(policy, paths, uses)
+  # Dynamic 8-bit inputs: every quantized linear layer multiplies the weight's integer codes.
+  grid = [p for p in paths if p.endswith('kernel') and policy.weight_quant(p) is not None
+          and policy.act.mode == 'dynamic' and policy.act.bits == 8]
+  assert not _violations(policy, paths, uses, grid)
   quantized = [p for p in paths if policy.weight_quant(p) is not None]
   assert 'pooler/kernel' in paths and 'classifier/kernel' in paths
   assert len(quantized) == 1 + 6 * TINY.num_hidden_layers - (2 if policy.name == '2-2-8' else 0)
@@ -122,6 +147,13 @@ def test_jaxpr_walk_detects_float_weights():
   assert any('attention/query/kernel' in b for b in bad)
   assert any('word_embeddings' in b for b in bad)
   assert not _violations(QuantPolicy(), paths, uses)
+  # And the integer-grid rule: static activations dequantize the weight (codes * scales) before
+  # the matmul, which the grid rule must flag for every quantized linear layer.
+  static = policy_from_name('1-1-8', act_mode='static')
+  paths, uses = _uses(BertModel(TINY, static), jax.eval_shape(lambda: init_params(TINY, static)))
+  kernels = [p for p in paths if p.endswith('kernel') and static.weight_quant(p) is not None]
+  assert not _violations(static, paths, uses)
+  assert len(_violations(static, paths, uses, kernels)) == len(kernels) == 12
 
 
 # --- model outputs --------------------------------------------------------------------------
@@ -204,6 +236,55 @@ def test_split_model_param_shapes():
   assert params['encoder']['layer_0']['attention']['query']['bias'].shape == (2, 16)
   assert params['embeddings']['word_embeddings']['embedding'].shape == (2, 48, 16)
   assert params['pooler']['kernel'].shape == (16, 16)
+
+
+def _float_formulation(policy, params, x, act_bits):
+  """The fake-quantized QDense as dot(Q(x), Q(k0) [+ Q(k1)]) + bias: the reference whose
+  straight-through gradients the integer-grid layer must reproduce."""
+  k, groups = params['kernel'], policy.rules[0][1].num_groups
+  q = lambda w: quantizers.quantize_weight(w.T, policy.rules[0][1].bits,
+                                           w.shape[1] if groups == 'row' else groups).T
+  kernel = q(k[0]) + q(k[1]) if policy.split else q(k)
+  bias = params['bias'].sum(0) if policy.split else params['bias']
+  return quantizers.quantize_activation(x, act_bits) @ kernel + bias
+
+
+def _value_and_vjp(f, params, x):
+  """f(params, x) and its vjp with a fixed random cotangent (jitted once)."""
+  def run(p, v):
+    y, pullback = jax.vjp(f, p, v)
+    return y, pullback(jax.random.normal(jax.random.PRNGKey(3), y.shape))
+  return jax.jit(run)(params, x)
+
+
+@pytest.mark.parametrize('bits,groups,split,in_features', [
+    (1, 1, False, 40), (2, 3, False, 40), (1, 'row', True, 40),
+    (8, 'row', False, 2100),  # 8-bit codes: 2100 * 128 * 128 > 2^24, K in 3 exact chunks
+])
+def test_integer_grid_dense_values_and_straight_through_gradients(bits, groups, split,
+                                                                  in_features):
+  policy = QuantPolicy(act=ActQuant(8), rules=(('kernel', WeightQuant(bits, groups)),),
+                       split=split)
+  layer = QDense(6, policy)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, in_features))
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(1), x)['params'])
+  params['bias'] = jax.random.normal(jax.random.PRNGKey(2), params['bias'].shape)
+  assert len(grid.chunks(in_features, 8, bits)) == (3 if bits == 8 else 1)
+  y, got = _value_and_vjp(lambda p, v: layer.apply({'params': p}, v), params, x)
+  ref, want = _value_and_vjp(lambda p, v: _float_formulation(policy, p, v, 8), params, x)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # the same function, rounded apart
+  # Straight-through gradients (kernel, bias and input) as the float formulation's.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  # The packed layer (int8 codes, int32 sums per chunk) computes the same float32 output bit for
+  # bit.
+  planes = quantized_kernel_planes(policy, 'kernel', params['kernel'], 6)
+  lead = slice(None) if split else 0
+  packed_params = {
+      'kernel_codes': packing.pack_codes(np.asarray(planes.output_major_codes()), bits)[lead],
+      'kernel_scale': planes.scales[lead],
+      'bias': params['bias'].sum(0) if split else params['bias']}
+  packed = QDense(6, dataclasses.replace(policy, packed=True))
+  np.testing.assert_array_equal(jax.jit(packed.apply)({'params': packed_params}, x), y)
 
 
 def test_row_groups_quantize_output_rows():

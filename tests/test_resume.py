@@ -39,26 +39,36 @@ def start(cmd, log):
                           env={**os.environ, 'PYTHONUNBUFFERED': '1'})
 
 
-def wait_for(proc, path, log_path, timeout=600):
-  """Waits until `path` exists while `proc` runs (fails with its log if it ends first)."""
-  deadline = time.time() + timeout
-  while not os.path.exists(path):
-    if proc.poll() is not None:
-      pytest.fail(f'run ended (status {proc.returncode}) before {path} appeared; seed {SEED}:\n'
-                  + open(log_path).read()[-3000:])
+def newest_checkpoint(workdir, stage):
+  d = os.path.join(workdir, 'stages', TRAINING[stage], 'checkpoints')
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps, default=0)
+
+
+def interrupt(procs, dirs, logs, plan, timeout=600):
+  """Sends each run its signal `delay` seconds after its stage's checkpoint `step` exists.
+
+  plan: {run: (stage, step, signal, delay)}; all runs are watched at once.
+  """
+  deadline, due = time.time() + timeout, {}
+  while len(due) < len(plan) or any(t is not None for t in due.values()):
+    for k, (stage, step, sig, delay) in plan.items():
+      if k not in due and newest_checkpoint(dirs[k], stage) >= step:
+        due[k] = time.time() + delay
+      if due.get(k) is not None and time.time() >= due[k]:
+        procs[k].send_signal(sig)
+        due[k] = None
+      elif k not in due and procs[k].poll() is not None:
+        pytest.fail(f'{k} run ended (status {procs[k].returncode}) before checkpoint '
+                    f'{stage}/{step}; seed {SEED}:\n' + open(logs[k]).read()[-3000:])
     if time.time() > deadline:
-      proc.kill()
-      pytest.fail(f'{path} did not appear in {timeout}s; seed {SEED}')
-    time.sleep(0.02)
+      pytest.fail(f'runs did not reach their checkpoints in {timeout}s; seed {SEED}')
+    time.sleep(0.01)
 
 
 def finish(proc, log_path, timeout=600):
   proc.wait(timeout=timeout)
   return proc.returncode, open(log_path).read()
-
-
-def checkpoint_dir(workdir, stage, step):
-  return os.path.join(workdir, 'stages', TRAINING[stage], 'checkpoints', str(step))
 
 
 @pytest.fixture(scope='module')
@@ -77,13 +87,9 @@ def runs(tmp_path_factory, tiny_pretrained, glue):
            for k, d in dirs.items()}
   facts = {'kill': (kill_stage, kill_step), 'term': (term_stage, term_step)}
 
-  wait_for(procs['killed'], checkpoint_dir(dirs['killed'], kill_stage, kill_step),
-           logs['killed'])
-  time.sleep(kill_delay)
-  procs['killed'].send_signal(signal.SIGKILL)
-  wait_for(procs['preempted'], checkpoint_dir(dirs['preempted'], term_stage, term_step),
-           logs['preempted'])
-  procs['preempted'].send_signal(signal.SIGTERM)
+  interrupt(procs, dirs, logs, {
+      'killed': (kill_stage, kill_step, signal.SIGKILL, kill_delay),
+      'preempted': (term_stage, term_step, signal.SIGTERM, 0.0)})
 
   status, log = finish(procs['killed'], logs['killed'])
   facts['killed_status'] = status

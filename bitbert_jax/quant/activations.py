@@ -4,7 +4,9 @@
 `module` owns any tracked or learned state, created in its scope. Modes (ActQuant.mode):
 
 * 'dynamic': symmetric, one scale per token (per row of the last dim), from the token itself
-  (XTC's reference). No state.
+  (XTC's reference). No state. A QDense on the integer grid (quant/grid.py: 2..8 bits, a
+  quantized weight with row-aligned groups) takes the same quantization as codes and scales
+  (`quantizers.activation_codes`) instead of calling `quantize_input`.
 * 'static': symmetric with one per-layer range [min, max] tracked in the collection
   `quant_stats` (variable `act_range`) by an exponential moving average, momentum 0.95, as
   DeepSpeed's QuantAct: range <- 0.95 range + 0.05 [min(x), max(x)]; the first update after

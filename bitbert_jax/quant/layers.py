@@ -1,17 +1,27 @@
 """Quantization-aware linen layers: they ask the policy about their own parameter path.
 
-Latent weights stay float; the forward pass uses their fake-quantized values. Parameters carry
-logical axis names (t5x style) so that one rules table decides the sharding.
+Latent weights stay float; the forward pass uses their quantized codes and scales
+(`quantized_kernel_planes`, `quantized_embedding_planes`): on the integer grid (`grid`) the
+codes themselves, otherwise the fake-quantized values codes * scale. Parameters carry logical
+axis names (t5x style) so that one rules table decides the sharding.
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from bitbert_jax.errors import BitbertError
 from bitbert_jax.quant import activations
+from bitbert_jax.quant import grid
 from bitbert_jax.quant import packed_layers
+from bitbert_jax.quant import packing
 from bitbert_jax.quant.policy import QuantPolicy
+from bitbert_jax.quant.quantizers import activation_codes
+from bitbert_jax.quant.quantizers import from_codes
 from bitbert_jax.quant.quantizers import quantize_weight
+from bitbert_jax.quant.quantizers import weight_codes
 
 default_init = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range
 
@@ -26,9 +36,10 @@ def param_path(module, name):
 
 
 def quantized_value(policy, path, latent, rows):
-  """The value the forward pass uses for a weight: fake-quantized per policy, or as is.
+  """A weight's fake-quantized value per policy (or the latent as is), planes summed.
 
-  latent: output-major weight (rows first), with a leading axis of 2 when split.
+  latent: output-major weight (rows first), with a leading axis of 2 when split. Equal bit for
+  bit to `quantized_embedding_planes(...).value()` for such a matrix; the layers use the planes.
   """
   quant = policy.weight_quant(path)
   if quant is None:
@@ -40,12 +51,103 @@ def quantized_value(policy, path, latent, rows):
   return quantize_weight(latent, quant.bits, groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantizedPlanes:
+  """A quantized weight as integer codes and group scales: value = sum_p codes[p] * scale.
+
+  codes: float32 [P, a, b], integer-valued, in the latent's layout (a kernel [in, out], a table
+    [V, H]); P = 2 planes after weight splitting, else 1.
+  scales: float32 [P, G], G = `groups` consecutive chunks of the output-major matrix
+    (output rows first: the kernel transposed, the table as is), as in `quantizers`.
+  transposed: the plane is the output-major matrix transposed (kernels).
+  """
+  codes: jax.Array
+  scales: jax.Array
+  bits: int
+  groups: int
+  transposed: bool
+
+  @property
+  def rows(self):
+    return self.codes.shape[-1] if self.transposed else self.codes.shape[-2]
+
+  @property
+  def cols(self):
+    return self.codes.shape[-2] if self.transposed else self.codes.shape[-1]
+
+  def row_scales(self):
+    """float32 [P, rows], one scale per output row, or None when a group splits a row."""
+    return packing.row_scales(self.scales, self.groups, self.rows, self.cols)
+
+  def element_scales(self):
+    """The scales broadcastable to `codes` ([P, 1, 1], a row axis, or one per element)."""
+    if self.groups == 1:
+      return self.scales[:, :, None]
+    per_row = self.row_scales()
+    if per_row is not None:
+      return per_row[:, None, :] if self.transposed else per_row[:, :, None]
+    per = packing.element_scales(self.scales, self.groups, self.rows, self.cols)
+    return jnp.swapaxes(per, -1, -2) if self.transposed else per
+
+  def output_major_codes(self):
+    """codes as [P, rows, cols] (the packed layout)."""
+    return jnp.swapaxes(self.codes, -1, -2) if self.transposed else self.codes
+
+  def value(self):
+    """The quantized weight in the latent's layout: planes added in order, bit for bit
+    `quantized_value`'s. Straight-through gradient to the codes (`quantizers.from_codes`)."""
+    return from_codes(self.codes, self.element_scales())
+
+
+def _planes(policy, path, latent, rows, transposed):
+  quant = policy.weight_quant(path)
+  if quant is None:
+    return None
+  groups = _groups(quant, rows)
+  planes = latent if policy.is_split(path) else latent[None]
+  # One scale per tensor does not depend on the layout: quantize as stored (no transposes).
+  # Otherwise quantize output-major so that groups are consecutive output rows. The float32
+  # statistics (pairwise sums) round in the element order of the layout quantized, so a weight
+  # within an ulp of a ternary threshold lands on the side this layout decides: everything that
+  # needs the layer's quantized weight (splitting, packing) calls this function.
+  flip = transposed and groups != 1
+  codes, scales = [], []
+  for plane in planes:
+    c, s = weight_codes(plane.T if flip else plane, quant.bits, groups)
+    codes.append(c.T if flip else c)
+    scales.append(s)
+  return QuantizedPlanes(jnp.stack(codes), jnp.stack(scales), quant.bits, groups, transposed)
+
+
+def quantized_kernel_planes(policy, path, kernel, features):
+  """The quantized planes QDense computes with: QuantizedPlanes, or None for a float weight.
+
+  kernel: the latent [in, features] (split: [2, in, features]) float32. Codes come back in the
+  kernel layout [P, in, features]; groups are output rows (rows = features). This is the one
+  place that decides the layout the quantizer sees; `split` and `export` call it.
+  """
+  if kernel.shape[-1] != features:
+    raise BitbertError(f'{path}: kernel shape {list(kernel.shape)} has no {features} outputs')
+  return _planes(policy, path, jnp.asarray(kernel, jnp.float32), features, True)
+
+
+def quantized_embedding_planes(policy, path, table):
+  """QuantizedPlanes of an embedding table [V, H] (split: [2, V, H]), or None; rows = V."""
+  return _planes(policy, path, jnp.asarray(table, jnp.float32), table.shape[-2], False)
+
+
 class QDense(nn.Module):
   """Dense layer y = x W + b with policy-driven weight and input-activation quantization.
 
   kernel: [in, features] (or [2, in, features] after weight splitting, bias likewise); with a
   split kernel y = x (Q(k0) + Q(k1)) + b0 + b1. The input is quantized per `policy.input_quant`
   (see `activations`), which may add `quant_stats` variables or `act_*` params to this scope.
+
+  With dynamic 2..8-bit activations and a 1..8-bit weight whose groups are whole output rows,
+  the layer computes on the integer grid (`grid`): integer codes multiply in an exact float32
+  matmul, then one rescale, bit for bit what the packed layer computes with int8 codes and int32
+  accumulation. Otherwise it multiplies the fake-quantized values. Gradients are the
+  straight-through ones of x_q W_q either way.
   """
   features: int
   policy: QuantPolicy = QuantPolicy()
@@ -64,16 +166,18 @@ class QDense(nn.Module):
     lead, lead_axes = ((2,), (None,)) if split else ((), ())
     kernel_init = nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes)
     kernel = self.param('kernel', kernel_init, lead + (x.shape[-1], self.features), jnp.float32)
-    quant = self.policy.weight_quant(path)
-    if quant is not None and _groups(quant, self.features) == 1:
-      # One scale per tensor does not depend on the layout: skip the two transposes.
-      kernel = quantized_value(self.policy, path, kernel, self.features)
-    elif quant is not None:
-      # Quantize output-major (PyTorch layout) so that groups are consecutive output rows.
-      kernel_t = jnp.swapaxes(kernel, -1, -2)
-      kernel = jnp.swapaxes(quantized_value(self.policy, path, kernel_t, self.features), -1, -2)
-    x = activations.quantize_input(self, x, self.policy.input_quant(path), self.nonnegative_input)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    act = self.policy.input_quant(path)
+    planes = quantized_kernel_planes(self.policy, path, kernel, self.features)
+    row_scales = None if planes is None else planes.row_scales()
+    if planes is not None and grid.applies(planes.bits, act, row_scales):
+      x_codes, x_scale = activation_codes(x, act.bits)
+      y = grid.dense(x_codes, x_scale, planes.codes, row_scales, act.bits, planes.bits,
+                     self.dtype).astype(self.dtype)
+    else:
+      if planes is not None:
+        kernel = planes.value()
+      x = activations.quantize_input(self, x, act, self.nonnegative_input)
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                             lead_axes + self.axes[1:]),
@@ -101,5 +205,7 @@ class QEmbed(nn.Module):
     table_init = nn.with_logical_partitioning(default_init, lead_axes + self.axes)
     table = self.param('embedding', table_init, lead + (self.num_embeddings, self.features),
                        jnp.float32)
-    table = quantized_value(self.policy, path, table, self.num_embeddings)
+    planes = quantized_embedding_planes(self.policy, path, table)
+    if planes is not None:
+      table = planes.value()
     return jnp.take(table, ids, axis=0).astype(self.dtype)

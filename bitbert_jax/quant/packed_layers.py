@@ -13,19 +13,23 @@ and scales; its bias is stored already summed ([rows]), since the layer only eve
 Codes are unpacked inside the jitted computation (`packing.jnp_unpack_codes`); nothing is
 dequantized to float at load time.
 
-Integer path: with dynamic symmetric activation quantization of 2..8 bits and weight groups
-that are whole output rows (num_groups 1, 'row', or any G dividing rows), QDense multiplies
-per-token int8 activation codes with the int8 weight codes in one
-`lax.dot_general(..., preferred_element_type=int32)` (both planes of a split weight at once)
-and rescales by activation scale x weight scale. Otherwise the codes are dequantized to float
-and the layer runs like the fake-quantized one.
+Integer path (`grid`): with dynamic symmetric activation quantization of 2..8 bits and weight
+groups that are whole output rows (num_groups 1, 'row', or any G dividing rows), QDense
+multiplies per-token int8 activation codes with the int8 weight codes in
+`lax.dot_general(..., preferred_element_type=int32)` (both planes of a split weight at once; K in
+chunks that keep a float32 sum exact, one chunk unless the weight has 5+ bits), and rescales
+with `grid.finish`, the expression the fake-quantized QDense uses on its exact float32 sums:
+the two compute the same float32 result bit for bit. Otherwise the codes are dequantized to
+float and the layer runs like the fake-quantized one.
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bitbert_jax.quant import activations
+from bitbert_jax.quant import grid
 from bitbert_jax.quant import packing
+from bitbert_jax.quant import quantizers
 
 CODES_SUFFIX = '_codes'
 SCALE_SUFFIX = '_scale'
@@ -54,34 +58,36 @@ def _packed_vars(module, name, quant, rows, cols):
   return codes.reshape((-1,) + codes.shape[-2:]), scale.reshape(-1, groups), groups
 
 
-def integer_path(act):
-  """Whether activations become per-token int8 codes (dynamic symmetric, 2..8 bits)."""
-  return act is not None and act.mode == 'dynamic' and 2 <= act.bits <= 8
+integer_path = grid.integer_path  # kept here for callers of the old name
 
 
 def token_codes(x, bits):
   """Per-token symmetric activation codes, bit-for-bit the rule of `quantize_activation`.
 
-  x: [..., K] -> (codes int8 [..., K], scale [..., 1] in x.dtype); x_q = codes * scale.
+  x: [..., K] -> (codes int8 [..., K], scale float32 [..., 1]); x_q = codes * scale.
   """
-  scale = 2.0 * jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 2.0**bits
-  safe = jnp.where(scale == 0, 1.0, scale).astype(x.dtype)
-  lo, hi = -(2.0**(bits - 1)), 2.0**(bits - 1) - 1
-  return jnp.clip(jnp.round(x / safe), lo, hi).astype(jnp.int8), scale
+  codes, scale = quantizers.activation_codes(x, bits)
+  return codes.astype(jnp.int8), scale
 
 
-def int_matmul(x, w_codes, w_row_scale, act_bits):
-  """y = Q(x) W on integers.
+def int_matmul(x, w_codes, w_row_scale, act_bits, weight_bits=8):
+  """y = Q(x) W on integers, bit for bit the fake-quantized QDense (`grid`).
 
   x: [..., K] float; w_codes: int8 [P, N, K] (P planes, output-major); w_row_scale: [P, N].
-  Returns float32 [..., N] = act_scale * sum_p w_row_scale[p] * (x_codes . w_codes[p]).
+  weight_bits: the codes' width (sets how K is chunked so that the float32 sums are exact).
+  Returns float32 [..., N] = sum_p (x_codes . w_codes[p]) * (act_scale * w_row_scale[p]).
   """
   p, n, k = w_codes.shape
   xc, xs = token_codes(x, act_bits)
-  acc = jax.lax.dot_general(xc, w_codes.reshape(p * n, k), (((xc.ndim - 1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.int32)  # [..., P * N]
-  acc = acc.reshape(acc.shape[:-1] + (p, n)).astype(jnp.float32)
-  return (acc * w_row_scale).sum(-2) * xs.astype(jnp.float32)
+  parts = []
+  for lo, hi in grid.chunks(k, act_bits, weight_bits):
+    xk, wk = (xc, w_codes) if hi - lo == k else (xc[..., lo:hi], w_codes[..., lo:hi])
+    # Both planes in one dot: [..., K] x [P * N, K] -> [..., P * N], int32 accumulation.
+    acc = jax.lax.dot_general(xk, wk.reshape(p * n, hi - lo), (((xk.ndim - 1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    parts.append(acc.astype(jnp.float32).reshape(acc.shape[:-1] + (p, n)))
+  acc = grid.add_chunks(parts)
+  return grid.finish([acc[..., i, :] for i in range(p)], xs, w_row_scale)
 
 
 def dequantized(codes, scale, bits, groups, rows, cols):
@@ -98,9 +104,9 @@ def packed_dense(module, x):
   rows, cols = module.features, x.shape[-1]
   codes, scale, groups = _packed_vars(module, 'kernel', quant, rows, cols)
   row_scale = packing.row_scales(scale, groups, rows, cols)
-  if integer_path(act) and row_scale is not None:
+  if grid.applies(quant.bits, act, row_scale):
     w = packing.jnp_unpack_codes(codes, quant.bits, cols)  # int8 [P, rows, cols]
-    y = int_matmul(x, w, row_scale, act.bits).astype(module.dtype)
+    y = int_matmul(x, w, row_scale, act.bits, quant.bits).astype(module.dtype)
   else:
     kernel = dequantized(codes, scale, quant.bits, groups, rows, cols)
     x = activations.quantize_input(module, x, act, getattr(module, 'nonnegative_input', False))

@@ -195,16 +195,6 @@ def resolve_groups(num_groups, rows):
   return rows if num_groups == 'row' else int(num_groups)
 
 
-def quantized_as_stored(num_groups):
-  """Whether QDense feeds its [in, out] kernel to the quantizer as stored (True) or transposed
-  to output-major [out, in] (False). Mirrors bitbert_jax/quant/layers.py: one scale per tensor
-  does not depend on the layout, so the layer skips the transposes. The float32 mean then
-  rounds in the stored order, and a weight within an ulp of the ternary threshold lands on the
-  side that order decides, so anything that recomputes the layer's quantized weight (splitting,
-  packing) must use the same layout. tests/test_export.py checks this against QDense."""
-  return num_groups == 1
-
-
 def row_scales(scale, num_groups, rows, cols):
   """[..., G] group scales -> [..., rows] one per row, or None when a group splits a row.
 

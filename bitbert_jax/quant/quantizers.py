@@ -2,7 +2,9 @@
 
 Every quantizer returns a tensor of quantized values with the input's shape and dtype. Scales,
 thresholds and rounding are computed in float32 whatever the input dtype (a bfloat16 mean or count
-of a few hundred elements is already off by a level), and the result is cast back once.
+of a few hundred elements is already off by a level), and the result is cast back once. Sums
+(the means of binary and ternary) are pairwise sums in a fixed order (`_tree_sum`), so a scale
+is the same bit for bit wherever it is computed: inside the jitted model or at export.
 
 Groups: the flattened tensor is cut into `num_groups` equal consecutive rows, each with its own
 scale; `num_groups = rows` of an output-major (PyTorch-layout) matrix is one scale per output row.
@@ -94,34 +96,77 @@ def _straight_through(value_and_mask, num_static):
   return quantize
 
 
-def _binary_value(x, num_groups):
+def _tree_sum(g):
+  """Row sums [G, 1] of g [G, n] float32, by pairwise halving.
+
+  A fixed sequence of elementwise float32 additions, so the sums are the same bit for bit in
+  every program that computes them. An XLA reduce is not: how it associates depends on its
+  fusion and layout, and the jitted model and the export (which quantizes each weight on its
+  own) would get scales an ulp apart, enough to make packed and fake-quantized logits differ.
+  Halves while the width is even; an odd remainder (e.g. 9 of 384 x 384 = 2^14 x 9) is
+  zero-padded to a power of 2 (adding 0 is exact) and halved on.
+  """
+  while g.shape[1] > 1:
+    n = g.shape[1]
+    if n % 2:
+      g = jnp.pad(g, ((0, 0), (0, (1 << (n - 1).bit_length()) - n)))
+      n = g.shape[1]
+    g = g[:, :n // 2] + g[:, n // 2:]
+  return g
+
+
+def _mean(g):
+  """Row means [G, 1]: the pairwise sum over a correctly rounded division by n. XLA rewrites a
+  division by a constant into a multiplication by its (rounded) reciprocal; the barrier keeps
+  n opaque, so that e.g. the mean of w/2 is exactly half the mean of w."""
+  return _tree_sum(g) / jax.lax.optimization_barrier(jnp.float32(g.shape[1]))
+
+
+def _binary_codes(x, num_groups):
   g = _grouped(x, num_groups)
-  alpha = jnp.mean(jnp.abs(g), axis=1, keepdims=True)
-  return (alpha * sign(g)).reshape(x.shape).astype(x.dtype), None
+  alpha = _mean(jnp.abs(g))
+  return sign(g), alpha, None
 
 
-def _ternary_value(x, num_groups):
+def _ternary_codes(x, num_groups):
   g = _grouped(x, num_groups)
   absg = jnp.abs(g)
-  delta = 0.7 * jnp.mean(absg, axis=1, keepdims=True)
+  delta = 0.7 * _mean(absg)
   keep = absg > delta
-  count = jnp.sum(keep, axis=1, keepdims=True, dtype=jnp.float32)
-  alpha = jnp.sum(jnp.where(keep, absg, 0.0), axis=1, keepdims=True) / jnp.maximum(count, 1.0)
-  return jnp.where(keep, alpha * sign(g), 0.0).reshape(x.shape).astype(x.dtype), None
+  count = _tree_sum(keep.astype(jnp.float32))  # exact: integers below 2^24
+  alpha = _tree_sum(jnp.where(keep, absg, 0.0)) / jnp.maximum(count, 1.0)
+  return jnp.where(keep, sign(g), 0.0), alpha, None
 
 
 def _round_clip(g, scale, lo, hi):
-  """(clip(round(g / scale), lo, hi) * scale, [no clamp]) in float32; scale 0 gives 0 codes."""
+  """(clip(round(g / scale), lo, hi), [no clamp]) in float32; scale 0 gives 0 codes."""
   codes = jnp.round(g / _nonzero(scale))
-  return jnp.clip(codes, lo, hi) * scale, (codes >= lo) & (codes <= hi)
+  return jnp.clip(codes, lo, hi), (codes >= lo) & (codes <= hi)
 
 
-def _symmetric_value(x, bits, num_groups, reference):
+def _symmetric_codes(x, bits, num_groups, reference):
   g = _grouped(x, num_groups)
   levels = 2.0**bits if reference else 2.0**bits - 1
   scale = 2.0 * jnp.max(jnp.abs(g), axis=1, keepdims=True) / levels
-  q, mask = _round_clip(g, scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
-  return q.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
+  codes, mask = _round_clip(g, scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
+  return codes, scale, mask
+
+
+def _as_value(codes_fn):
+  """`codes_fn(x, ...) -> (codes [G, n], scale [G, 1], mask)` as `(value, mask)` in x's shape:
+  value = codes * scale per group (float32, then x's dtype)."""
+
+  def value_and_mask(x, *static):
+    codes, scale, mask = codes_fn(x, *static)
+    value = (codes * scale).reshape(x.shape).astype(x.dtype)
+    return value, None if mask is None else mask.reshape(x.shape)
+
+  return value_and_mask
+
+
+_binary_value = _as_value(_binary_codes)
+_ternary_value = _as_value(_ternary_codes)
+_symmetric_value = _as_value(_symmetric_codes)
 
 
 def _asymmetric_value(x, bits, num_groups, reference):
@@ -130,17 +175,18 @@ def _asymmetric_value(x, bits, num_groups, reference):
   levels = 2.0**bits if reference else 2.0**bits - 1
   scale = (jnp.max(g, axis=1, keepdims=True) - gmin) / levels
   zero = jnp.round(gmin / _nonzero(scale)) * scale
-  q, mask = _round_clip(g - zero, scale, 0.0, 2.0**bits - 1)
+  codes, mask = _round_clip(g - zero, scale, 0.0, 2.0**bits - 1)
   # A constant group (scale 0) is exactly representable: keep it (and its gradient).
-  q = jnp.where(scale == 0, g, q + zero)
+  q = jnp.where(scale == 0, g, codes * scale + zero)
   mask = mask | (scale == 0)
   return q.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
 
 
 def _symmetric_clip_value(x, clip, bits):
   scale = 2.0 * clip / 2.0**bits
-  q, mask = _round_clip(x.astype(jnp.float32), scale, -(2.0**(bits - 1)), 2.0**(bits - 1) - 1)
-  return q.astype(x.dtype), mask
+  codes, mask = _round_clip(x.astype(jnp.float32), scale, -(2.0**(bits - 1)),
+                            2.0**(bits - 1) - 1)
+  return (codes * scale).astype(x.dtype), mask
 
 
 # Jitted so that eager calls compile once per shape instead of dispatching op by op.
@@ -327,3 +373,116 @@ def quantize_activation(x, bits):
   if bits >= 32:
     return x
   return symmetric(x, bits, x.size // x.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer codes and scales (the integer-grid layers; packing).
+#
+# `weight_codes` and `activation_codes` split a quantized tensor into integer-valued codes and
+# float32 scales, value = codes * scale, bit for bit the value `quantize_weight` /
+# `quantize_activation` return. Their gradient is the straight-through one *in value space*:
+# the cotangent that arrives for the codes is taken to be d loss / d value and passes to the
+# input as the value quantizer's would (identity for binary and ternary, masked where the
+# uniform clamp was active); the scales get none (constants, as above). A consumer must
+# therefore hand back, as the codes' cotangent, the cotangent of the value it computes from
+# codes and scales: `from_codes` does, and so does the integer-grid dense
+# (`bitbert_jax.quant.grid.dense`). Autodiff through an expression such as `codes * scale`
+# would not (it multiplies by the scale once more).
+
+
+def _codes_straight_through(codes_fn, num_static):
+  """custom_vjp of `codes_fn(x, *static) -> (codes [G, n], scale [G, 1], mask)`.
+
+  Returns (codes in x's shape and dtype, scale float32 [G]); cotangent of x: the codes'
+  cotangent, times the mask where there is one.
+  """
+
+  def codes_and_scale(x, *static):
+    codes, scale, mask = codes_fn(x, *static)
+    # Codes are small integers (|code| <= 128): exact in any float dtype, bfloat16 included.
+    codes = codes.reshape(x.shape).astype(x.dtype)
+    return (codes, scale.reshape(-1)), None if mask is None else mask.reshape(x.shape)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(1, 1 + num_static)))
+  def quantize(x, *static):
+    return codes_and_scale(x, *static)[0]
+
+  def fwd(x, *static):
+    return codes_and_scale(x, *static)
+
+  def bwd(*args):
+    mask, (g_codes, _) = args[-2:]
+    return (g_codes if mask is None else jnp.where(mask, g_codes, jnp.zeros_like(g_codes)),)
+
+  quantize.defvjp(fwd, bwd)
+  return quantize
+
+
+_binary_codes_ste = jax.jit(_codes_straight_through(_binary_codes, 1), static_argnums=(1,))
+_ternary_codes_ste = jax.jit(_codes_straight_through(_ternary_codes, 1), static_argnums=(1,))
+_symmetric_codes_ste = jax.jit(_codes_straight_through(_symmetric_codes, 3),
+                               static_argnums=(1, 2, 3))
+
+
+def max_code(bits):
+  """Largest |code| of a `bits`-bit weight or activation code: 1 for binary and ternary,
+  2^(bits-1) for uniform symmetric codes (the most negative one)."""
+  return 1 if bits <= 2 else 2**(bits - 1)
+
+
+def weight_codes(w, bits, num_groups=1):
+  """`quantize_weight` as (codes, scales): codes in w's shape and dtype, integer-valued
+  (binary +-1, ternary {-1, 0, 1}, 3..8 bits in [-2^(b-1), 2^(b-1) - 1]); scales float32
+  [num_groups] (alpha, or the uniform step). codes * scale per group == quantize_weight(w, ...)
+  bit for bit. Gradient: straight-through in value space (see above). bits: 1..8.
+  """
+  _check_bits(bits, (1, 2) + tuple(b for b in UNIFORM_BITS if b <= 8), 'weight_codes')
+  num_groups = _check_groups(w.shape, num_groups)
+  if bits == 1:
+    return _binary_codes_ste(w, num_groups)
+  if bits == 2:
+    return _ternary_codes_ste(w, num_groups)
+  return _symmetric_codes_ste(w, bits, num_groups, True)
+
+
+def activation_codes(x, bits):
+  """`quantize_activation` (dynamic, one scale per token) as (codes, scale).
+
+  x: [..., K] -> (codes [..., K] in x's dtype, integer-valued in [-2^(b-1), 2^(b-1) - 1];
+  scale float32 [..., 1]); (codes * scale).astype(x.dtype) == quantize_activation(x, bits) bit
+  for bit. Gradient: straight-through in value space, zero where the clamp was active.
+  """
+  bits = _check_bits(bits, UNIFORM_BITS, 'activation_codes')
+  codes, scale = _symmetric_codes_ste(x, bits, _check_groups(x.shape, x.size // x.shape[-1]),
+                                      True)
+  return codes, scale.reshape(x.shape[:-1] + (1,))
+
+
+@jax.custom_vjp
+def _from_codes(codes, scales):
+  value = codes[0] * scales[0]
+  for p in range(1, codes.shape[0]):
+    value = value + codes[p] * scales[p]
+  return value
+
+
+def _from_codes_fwd(codes, scales):
+  return _from_codes(codes, scales), scales
+
+
+def _from_codes_bwd(scales, g):
+  return jnp.broadcast_to(g, (scales.shape[0],) + g.shape), jnp.zeros_like(scales)
+
+
+_from_codes.defvjp(_from_codes_fwd, _from_codes_bwd)
+
+
+def from_codes(codes, scales):
+  """The value of P planes of codes: sum_p codes[p] * scales[p] (planes added in order).
+
+  codes: [P, ...] integer-valued float32; scales: float32 [P, ...] broadcastable to codes (one
+  per element, row or group, already expanded). Equals the planes' `quantize_weight` values added
+  in order, bit for bit. Gradient: each plane's codes get the value's cotangent (the
+  straight-through convention of `weight_codes`); the scales none.
+  """
+  return _from_codes(jnp.asarray(codes, jnp.float32), jnp.asarray(scales, jnp.float32))
