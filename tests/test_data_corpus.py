@@ -9,7 +9,8 @@ from bitbert_jax.data import corpus
 from bitbert_jax.data import tokenize
 from bitbert_jax.errors import BitbertError
 
-_WIKITEXT = '/work/shared/data/corpus/wikitext-2/valid.txt'
+_WIKITEXT = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'corpus',
+                         'wikitext-2', 'valid.txt')
 
 
 def _wikitext():

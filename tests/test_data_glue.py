@@ -10,17 +10,9 @@ import pytest
 
 from bitbert_jax.data import glue
 from bitbert_jax.errors import BitbertError
+from conftest import require_glue
 
-_DEFAULT_GLUE = '/work/shared/data/glue'
-
-
-def _glue_dir():
-  d = os.environ.get('GLUE_DIR')
-  if d is None and os.path.isdir(_DEFAULT_GLUE):
-    d = _DEFAULT_GLUE
-  if not d or not os.path.isdir(d):
-    pytest.skip('real GLUE data not available (set GLUE_DIR)')
-  return d
+_glue_dir = require_glue
 
 
 def _write(path, text, encoding='utf-8'):

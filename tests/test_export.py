@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 
+import conftest
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -197,7 +199,7 @@ def minilm_mrpc():
   from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(gt.__file__), 'model')
-  dev = os.path.join(os.environ.get('GLUE_DIR', '/work/shared/data/glue'), 'MRPC', 'dev.tsv')
+  dev = os.path.join(conftest.glue_dir() or '', 'MRPC', 'dev.tsv')
   if not os.path.isfile(dev):
     pytest.skip(f'{dev} missing (set GLUE_DIR)')
   config, params = load_hf_checkpoint(path, num_labels=2)

@@ -15,6 +15,8 @@ import dataclasses
 import io
 import json
 import os
+
+import conftest
 import shutil
 import sys
 
@@ -30,7 +32,7 @@ from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, policy_from_name
 from bitbert_jax.split import split_params
 
-GLUE_DIR = os.environ.get('GLUE_DIR', '/work/shared/data/glue')
+GLUE_DIR = conftest.glue_dir() or ''
 # Real vocabulary (MiniLM's tokenizer), tiny body: cheap to compile, real text in and out.
 TINY = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                   intermediate_size=48, max_position_embeddings=128, num_labels=2,

@@ -23,6 +23,8 @@ tiny model and with 32-bit activations on MiniLM.
 import dataclasses
 import os
 
+import conftest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
 from bitbert_jax.split import split_params, split_ternary
 
-GLUE_DIR = os.environ.get('GLUE_DIR', '/work/shared/data/glue')
+GLUE_DIR = conftest.glue_dir() or ''
 TINY = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=64, num_labels=3)
 
