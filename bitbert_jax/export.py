@@ -43,6 +43,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig
@@ -374,19 +375,7 @@ def _commit_dir(tmp, out_dir):
   os.chmod(tmp, 0o777 & ~mask)
   for name in os.listdir(tmp):
     os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
-  if not os.path.exists(out_dir):
-    os.rename(tmp, out_dir)
-    return
-  old = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.old-',
-                         dir=os.path.dirname(out_dir))
-  os.rmdir(old)
-  os.rename(out_dir, old)
-  try:
-    os.rename(tmp, out_dir)
-  except OSError:
-    os.rename(old, out_dir)
-    raise
-  shutil.rmtree(old, ignore_errors=True)
+  workdir_lib.replace_dir(tmp, out_dir)
 
 
 def _write_json(path, obj):

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig, PROBLEM_TYPES
@@ -411,23 +412,9 @@ def save_hf_checkpoint(config, params, out_dir, tokenizer_dir=None, overwrite=Fa
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
   try:
     _write(tmp, config, state_dict, tokenizer_files)
-    _replace_dir(tmp, out_dir)
+    workdir_lib.replace_dir(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out_dir
 
 
-def _replace_dir(src, dst):
-  """Renames src to dst; an existing dst is moved aside first and removed only on success."""
-  if not os.path.exists(dst):
-    os.rename(src, dst)
-    return
-  old = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.old-', dir=os.path.dirname(dst))
-  os.rmdir(old)
-  os.rename(dst, old)
-  try:
-    os.rename(src, dst)
-  except OSError:
-    os.rename(old, dst)
-    raise
-  shutil.rmtree(old, ignore_errors=True)

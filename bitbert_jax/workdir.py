@@ -3,6 +3,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 
 from bitbert_jax.errors import BitbertError
 
@@ -128,3 +129,19 @@ class Claim:
         os.rmdir(d)  # only if still empty: another run may have started in it meanwhile
       except OSError:
         return
+
+
+def replace_dir(src, dst):
+  """Renames src to dst; an existing dst is moved aside first and removed only on success."""
+  if not os.path.exists(dst):
+    os.rename(src, dst)
+    return
+  old = tempfile.mkdtemp(prefix=f'.{os.path.basename(dst)}.old-', dir=os.path.dirname(dst))
+  os.rmdir(old)
+  os.rename(dst, old)
+  try:
+    os.rename(src, dst)
+  except OSError:
+    os.rename(old, dst)
+    raise
+  shutil.rmtree(old, ignore_errors=True)

