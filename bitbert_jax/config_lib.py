@@ -39,7 +39,8 @@ def base_config(args):
       train_file='', dev_file='', text_columns='', label_column='label', label_names='',
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
-  c.quant = ml_collections.ConfigDict(dict(weight_groups=1, ffn_output_bits=0, act_mode=''))
+  # weight_groups is a string so the command line can say 'row' as well as a count ('64').
+  c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode=''))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0))
   c.train = ml_collections.ConfigDict(dict(
@@ -61,7 +62,8 @@ def stage(kind, **fields):
   if kind == 'task_kd':
     base.update(losses='all', temperature=1.0, layers=[])
   if kind in ('init_student',):
-    base.update(num_layers=0, hidden_size=0, intermediate_size=0)
+    # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width).
+    base.update(num_layers=0, hidden_size=0, intermediate_size=0, init='random', layers=[])
   if kind == 'general_kd':
     base.update(steps_per_epoch=1000, layers=[])
   if kind == 'reduce_layers':

@@ -16,6 +16,14 @@ def _scalar(v):
     return v
 
 
+def _after(line, stage, step):
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return True  # a torn last line from a kill mid-write
+  return row.get('stage') == stage and row.get('step', 0) > step
+
+
 class MetricsWriter:
   """Appends `{"stage": ..., "step": ..., **metrics}` lines to workdir/metrics.jsonl."""
 
@@ -41,6 +49,19 @@ class MetricsWriter:
       for k, v in row.items():
         if isinstance(v, float):
           self._tb.add_scalar(f'{stage}/{k}', v, int(step))
+
+  def rewind(self, stage, step):
+    """Drops `stage`'s rows after `step`: a resumed stage logs them again from its checkpoint."""
+    if not self.enabled or not os.path.exists(self._path):
+      return
+    with open(self._path) as f:
+      lines = f.readlines()
+    keep = [l for l in lines if not _after(l, stage, step)]
+    if len(keep) < len(lines):
+      tmp = self._path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(keep)
+      os.replace(tmp, self._path)  # atomic: a kill mid-rewrite leaves the old file
 
   def close(self):
     if self._tb is not None:

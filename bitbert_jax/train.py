@@ -196,7 +196,7 @@ def make_train_step(loss_fn, tx):
     (loss, (terms, model_state)), grads = grad_fn(state.params, state.aux_params,
                                                   state.model_state, batch, teacher_params,
                                                   step_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     trainable = (state.params, state.aux_params)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params, aux_params = optax.apply_updates(trainable, updates)
@@ -434,6 +434,7 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     log.info('[%s] resumed from step %d (checkpoint %s)', name, start,
              os.path.join(ckpts.directory, str(start)))
 
+  writer.rewind(name, start)
   progress = logs.Progress(name, total, start, settings.batch_size)
   eval_every = settings.eval_every or steps_per_epoch
   can_eval = task is not None and dev_sets and state.model_config.num_labels > 0

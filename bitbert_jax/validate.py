@@ -368,7 +368,7 @@ def check_models(config, names, task, tokenizer, pretrained=None, teacher=None):
   for n in names:
     s, field, kind = config.stages[n], f'config.stages.{n}', config.stages[n].kind
     if kind == 'init_student':
-      student = _init_student_config(pretrained, s, field)
+      student, student_layers = _init_student_config(pretrained, s, field)
     elif kind == 'reduce_layers':
       depth = task_teacher[0].num_hidden_layers
       layers = list(s.get('layers') or [])
@@ -419,7 +419,25 @@ def _init_student_config(base, s, field):
                        f'{base.num_attention_heads} attention heads')
   # As stages._student_config: default depth half the teacher's, so the uniform map applies.
   depth = s.get('num_layers') or max(1, base.num_hidden_layers // 2)
-  return base.replace(num_hidden_layers=depth, hidden_size=hidden)
+  init = s.get('init', 'random')
+  if init == 'random':
+    return base.replace(num_hidden_layers=depth, hidden_size=hidden), None
+  if init != 'pretrained':
+    raise BitbertError(f'{field}.init={init!r}: valid: random, pretrained')
+  for key, have in (('hidden_size', hidden), ('intermediate_size', s.get('intermediate_size'))):
+    want = getattr(base, key)
+    if have and have != want:
+      raise BitbertError(f'{field}.{key}={have}: init=pretrained copies config.pretrained\'s '
+                         f'layers, so the student keeps its {key} {want}; valid: 0 or {want}, '
+                         'or init=random')
+  layers = list(s.get('layers') or [])
+  if layers:
+    _check_in_depth(layers, base.num_hidden_layers, f'{field}.layers', 'config.pretrained')
+  elif depth > base.num_hidden_layers:
+    raise BitbertError(f'{field}.num_layers={depth}: config.pretrained has only '
+                       f'{base.num_hidden_layers} layers; valid: 1..{base.num_hidden_layers}')
+  layers = layers or xtc_default_layers(base.num_hidden_layers, depth)
+  return base.replace(num_hidden_layers=len(layers)), layers
 
 
 def xtc_default_layers(depth, num_layers):

@@ -5,8 +5,10 @@
 
   python -m bitbert_jax.main --config=configs/multistage.py --workdir=runs/multistage
 Arguments: task, teacher, layers/hidden (student depth/width; 0 = half the teacher's depth, its
-width), bits (final
-W-E-A; the ternary stage uses 2-2-A), augment (TinyBERT data augmentation), corpus (general-KD
+width), init (the student's start: random, as TinyBERT, or pretrained, a copy of some of
+config.pretrained's layers; default random, but pretrained for the quick preset, whose short
+general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
+augment (TinyBERT data augmentation), corpus (general-KD
 text: files/folders/hub specs; default $CORPUS_DIR, else a generated sample), preset.
 """
 import os
@@ -16,7 +18,7 @@ from bitbert_jax import config_lib
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
-                              layers=0, hidden=0, bits='1-1-8', augment=False,
+                              layers=0, hidden=0, init='', bits='1-1-8', augment=False,
                               corpus=os.environ.get('CORPUS_DIR', 'sample'))
   c = config_lib.base_config(args)
   act = args.bits.split('-')[-1]
@@ -24,7 +26,9 @@ def get_config(arg=None):
   data = 'augmented' if args.augment else 'task'
   s = config_lib.stage
   c.stages.finetune = s('finetune', epochs=3.0, lr=5e-5)
-  c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden)
+  init = args.init or ('pretrained' if args.preset == 'quick' else 'random')
+  c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden,
+                            init=init)
   c.stages.general_kd = s('general_kd', epochs=3.0, lr=5e-5, batch_size=256)
   c.stages.augment = s('augment', copies=20, probability=0.4, candidates=15, glove='')
   c.stages.fp32_stage1 = s('task_kd', losses='stage1', epochs=20.0, lr=5e-5, data=data)

@@ -196,6 +196,12 @@ CASES = [
     ('student_wider_than_teacher', with_multistage(stages__init_student__hidden_size=64),
      r'config.stages.general_kd: the student \(hidden_size 64\) is wider than its teacher '
      r'config.pretrained \(hidden_size 32\); valid: a student hidden_size <= 32'),
+    ('unknown_student_init', with_multistage(stages__init_student__init='copy'),
+     r"config.stages.init_student.init='copy': valid: random, pretrained"),
+    ('pretrained_init_other_width', with_multistage(stages__init_student__init='pretrained',
+                                                    stages__init_student__hidden_size=16),
+     r'config.stages.init_student.hidden_size=16: init=pretrained copies config.pretrained\'s '
+     r'layers, so the student keeps its hidden_size 32'),
     ('mesh_larger_than_devices', too_many_devices,
      r'config.mesh \(data=\d+, fsdp=1, tensor=1\) has \d+ devices but \d+ are available'),
     ('mesh_size_zero', setting(mesh__fsdp=0),

@@ -1,6 +1,7 @@
 """Checkpoints: last N kept, steps/time triggers, damage detected (previous one used), exact
 resume of `train.train` after a crash, and the best-on-dev parameters surviving a restart."""
 import gc
+import json
 import logging
 import os
 
@@ -277,3 +278,17 @@ def test_damaged_stage_output_is_redone_not_loaded(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger='bitbert_jax'):
     assert pipeline.load_stage_output(stage_dir) is None
   assert victim in caplog.text and 'running the stage again' in caplog.text
+
+
+def test_metrics_rewind_drops_the_resumed_stages_later_rows(tmp_path):
+  from bitbert_jax import logs  # pylint: disable=g-import-not-at-top
+  writer = logs.MetricsWriter(str(tmp_path), enabled=True)
+  for stage, step in (('finetune', 4), ('finetune', 8), ('kd', 4), ('kd', 8), ('kd', 12)):
+    writer.write(stage, step, {'loss': float(step)})
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"stage": "kd", "st')  # torn by a kill mid-write
+  writer.rewind('kd', 8)
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['stage'], r['step']) for r in rows] == [('finetune', 4), ('finetune', 8),
+                                                     ('kd', 4), ('kd', 8)]
+  writer.close()

@@ -9,6 +9,7 @@ import pytest
 from bitbert_jax import config_lib, pipeline
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
+from bitbert_jax.quant import policy_from_name
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -96,6 +97,21 @@ def test_config_arguments_are_checked(arg, needle):
     load_config('xtc', arg)
 
 
+@pytest.mark.parametrize('value,groups', [('row', 'row'), ('64', 64), ('1', 1)])
+def test_weight_groups_override_reaches_the_policy(value, groups):
+  """The documented values of config.quant.weight_groups parse from the real command line."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ['main', f'--config={os.path.join(ROOT, "configs", "xtc.py")}:preset=smoke',
+          f'--config.quant.weight_groups={value}']
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=fv, sys_argv=argv)
+  fv(argv)
+  q = fv.config.quant
+  policy = policy_from_name(fv.config.stages.quantize.bits, weight_groups=q.weight_groups)
+  assert policy.weight_quant('encoder/layer_0/attention/query/kernel').num_groups == groups
+
+
 def test_every_config_builds_and_names_known_stages():
   for name in ('finetune', 'xtc', 'multistage'):
     for preset in config_lib.PRESETS:
@@ -103,8 +119,25 @@ def test_every_config_builds_and_names_known_stages():
       assert pipeline.pipeline_stages(c)
 
 
-def test_multistage_runs_the_whole_left_pipeline(tmp_path, tiny_pretrained, glue):
-  config = load_config('multistage', f'preset=smoke,pretrained={tiny_pretrained}')
+def test_init_student_pretrained_copies_layers(tmp_path, tiny_pretrained, glue):
+  config = load_config('multistage', f'preset=smoke,pretrained={tiny_pretrained},init=pretrained')
+  config.task.glue_dir = glue
+  config.pipeline = 'init_student'
+  results = run(config, str(tmp_path))
+  assert results['stages']['init_student']['kind'] == 'init_student'
+  student, info = pipeline.load_stage_output(str(tmp_path / 'stages' / '00_init_student'))
+  assert info['student_layers'] == [1]  # 2 -> 1 layers: the XTC default keeps the last
+  from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
+  _, source = hf.load_hf_checkpoint(tiny_pretrained, num_labels=0)
+  assert student.model_config.num_hidden_layers == 1
+  for got, want in ((student.params['encoder']['layer_0'], source['encoder']['layer_1']),
+                    (student.params['embeddings'], source['embeddings'])):
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize('init', ['random', 'pretrained'])
+def test_multistage_runs_the_whole_left_pipeline(tmp_path, tiny_pretrained, glue, init):
+  config = load_config('multistage', f'preset=smoke,pretrained={tiny_pretrained},init={init}')
   config.task.glue_dir = glue
   config.export.packed = False
   results = run(config, str(tmp_path))

@@ -129,6 +129,8 @@ def assert_same_run(workdir, clean):
   assert mine['final'] == theirs['final'], SEED
   assert {s: r['dev'] for s, r in mine['stages'].items()} == \
       {s: r['dev'] for s, r in theirs['stages'].items()}, SEED
+  rows = [open(os.path.join(d, 'metrics.jsonl')).read().splitlines() for d in (workdir, clean)]
+  assert rows[0] == rows[1], f'metrics.jsonl differs from the clean run\'s (seed {SEED})'
   packed = [load_file(os.path.join(d, 'packed', 'weights.safetensors')) for d in (workdir, clean)]
   assert sorted(packed[0]) == sorted(packed[1])
   for name, value in packed[0].items():

@@ -104,14 +104,31 @@ def _student_config(ctx, base):
   return base.replace(**kw)
 
 
+def _copy_layers(params, layers):
+  """Embeddings, pooler and head of `params` with the encoder cut down to `layers`, in order."""
+  out = jax.tree.map(np.asarray, dict(params))
+  out['encoder'] = {f'layer_{i}': params['encoder'][f'layer_{l}'] for i, l in enumerate(layers)}
+  return out
+
+
 def init_student(state, ctx):
-  """A randomly initialised student (general KD's starting point), created already sharded."""
+  """General KD's starting point, created already sharded: random (TinyBERT), or with `init:
+  pretrained` a copy of some of config.pretrained's layers (same width; a short general KD then
+  starts from a working model instead of noise)."""
   del state
   base = ctx.pretrained.config
   cfg = _student_config(ctx, base)
   if cfg.num_attention_heads != base.num_attention_heads:
     raise BitbertError(f'config.stages.{ctx.name}: the student needs the teacher\'s '
                        f'{base.num_attention_heads} attention heads for the attention loss')
+  if ctx.stage.get('init', 'random') == 'pretrained':
+    layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(
+        base.num_hidden_layers, cfg.num_hidden_layers)
+    layer_map_lib.check_layer_list(layers, base.num_hidden_layers, f'config.stages.{ctx.name}.layers')
+    ctx.student_layers = tuple(layers)
+    return new_state(base.replace(num_hidden_layers=len(layers), dtype=cfg.dtype, remat=cfg.remat),
+                     _copy_layers(ctx.pretrained.params, layers),
+                     rng=jax.random.PRNGKey(ctx.config.seed))
   model = BertModel(cfg)
   rng = jax.random.PRNGKey(ctx.config.seed)
   abstract = jax.eval_shape(lambda r: init_variables(model, r)['params'], rng)
@@ -129,9 +146,7 @@ def reduce_layers(state, ctx):
   layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(
       n, ctx.stage.get('num_layers') or n)
   layer_map_lib.check_layer_list(layers, n, f'config.stages.{ctx.name}.layers')
-  params = jax.tree.map(np.asarray, dict(t.params))
-  params['encoder'] = {f'layer_{i}': t.params['encoder'][f'layer_{l}']
-                       for i, l in enumerate(layers)}
+  params = _copy_layers(t.params, layers)
   cfg = t.config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
                          remat=ctx.config.model.remat)
   ctx.student_layers = tuple(layers)
