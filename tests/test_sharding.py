@@ -36,7 +36,10 @@ def test_batch_size_must_divide_data_axes():
 
 @pytest.fixture(scope='module')
 def runs():
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The checkout itself on the path: the worker imports this tree, however it was installed.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get('PYTHONPATH')))))
   worker = os.path.join(os.path.dirname(__file__), 'sharding_equivalence.py')
   out = subprocess.run([sys.executable, worker, *MESHES], capture_output=True, text=True,
                        env=env, timeout=900, check=False)
