@@ -371,13 +371,7 @@ def check_models(config, names, task, tokenizer, pretrained=None, teacher=None):
       student, student_layers = _init_student_config(pretrained, s, field)
     elif kind == 'reduce_layers':
       depth = task_teacher[0].num_hidden_layers
-      layers = list(s.get('layers') or [])
-      if layers:
-        _check_in_depth(layers, depth, f'{field}.layers', task_teacher[1])
-      elif (s.get('num_layers') or 0) > depth:
-        raise BitbertError(f'{field}.num_layers={s.num_layers}: the teacher ({task_teacher[1]}) '
-                           f'has only {depth} layers; valid: 1..{depth} (0: all)')
-      student_layers = layers or xtc_default_layers(depth, s.get('num_layers') or depth)
+      student_layers = _copied_layers(s, field, s.get('num_layers') or 0, depth, task_teacher[1])
       student = task_teacher[0].replace(num_hidden_layers=len(student_layers))
     elif kind in ('general_kd', 'task_kd') and student is None:
       raise BitbertError(f'{field}: no student to distil into; valid: an init_student or '
@@ -430,14 +424,20 @@ def _init_student_config(base, s, field):
       raise BitbertError(f'{field}.{key}={have}: init=pretrained copies config.pretrained\'s '
                          f'layers, so the student keeps its {key} {want}; valid: 0 or {want}, '
                          'or init=random')
+  layers = _copied_layers(s, field, depth, base.num_hidden_layers, 'config.pretrained')
+  return base.replace(num_hidden_layers=len(layers)), layers
+
+
+def _copied_layers(s, field, num_layers, depth, source_field):
+  """The source layers a copied student keeps (as stages._copied_student): the stage's `layers`,
+  else the XTC default for `num_layers` (0: all)."""
   layers = list(s.get('layers') or [])
   if layers:
-    _check_in_depth(layers, base.num_hidden_layers, f'{field}.layers', 'config.pretrained')
-  elif depth > base.num_hidden_layers:
-    raise BitbertError(f'{field}.num_layers={depth}: config.pretrained has only '
-                       f'{base.num_hidden_layers} layers; valid: 1..{base.num_hidden_layers}')
-  layers = layers or xtc_default_layers(base.num_hidden_layers, depth)
-  return base.replace(num_hidden_layers=len(layers)), layers
+    _check_in_depth(layers, depth, f'{field}.layers', source_field)
+  elif num_layers > depth:
+    raise BitbertError(f'{field}.num_layers={num_layers}: the teacher ({source_field}) '
+                       f'has only {depth} layers; valid: 1..{depth} (0: all)')
+  return layers or xtc_default_layers(depth, num_layers or depth)
 
 
 def xtc_default_layers(depth, num_layers):

@@ -8,8 +8,8 @@ Arguments: task, teacher, layers/hidden (student depth/width; 0 = half the teach
 width), init (the student's start: random, as TinyBERT, or pretrained, a copy of some of
 config.pretrained's layers; default random, but pretrained for the quick preset, whose short
 general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
-augment (TinyBERT data augmentation), corpus (general-KD
-text: files/folders/hub specs; default $CORPUS_DIR, else a generated sample), preset.
+augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
+$CORPUS_DIR, else a generated sample), preset.
 """
 import os
 

@@ -117,31 +117,27 @@ def multistage(e):
   return c
 
 
-def setting(**fields):
-  """A case that sets dotted config fields on the XTC config."""
+def _overriding(base, fields):
+  """A case: `base(e)` with dotted fields (a__b__c) set; a callable value is called with e."""
   def make(e):
-    c = xtc(e)
+    c = base(e)
     for path, value in fields.items():
       *parents, leaf = path.split('__')
       node = c
       for p in parents:
         node = node[p]
-      node[leaf] = value
+      node[leaf] = value(e) if callable(value) else value
     return c
   return make
+
+
+def setting(**fields):
+  """A case that sets dotted config fields on the XTC config."""
+  return _overriding(xtc, fields)
 
 
 def with_multistage(**fields):
-  def make(e):
-    c = multistage(e)
-    for path, value in fields.items():
-      *parents, leaf = path.split('__')
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = value if not callable(value) else value(e)
-    return c
-  return make
+  return _overriding(multistage, fields)
 
 
 def with_env(**fields):

@@ -130,6 +130,7 @@ def test_init_student_pretrained_copies_layers(tmp_path, tiny_pretrained, glue):
   from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
   _, source = hf.load_hf_checkpoint(tiny_pretrained, num_labels=0)
   assert student.model_config.num_hidden_layers == 1
+  assert student.model_config.num_labels == 0 and 'classifier' not in student.params
   for got, want in ((student.params['encoder']['layer_0'], source['encoder']['layer_1']),
                     (student.params['embeddings'], source['embeddings'])):
     jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -104,17 +104,28 @@ def _student_config(ctx, base):
   return base.replace(**kw)
 
 
-def _copy_layers(params, layers):
-  """Embeddings, pooler and head of `params` with the encoder cut down to `layers`, in order."""
-  out = jax.tree.map(np.asarray, dict(params))
-  out['encoder'] = {f'layer_{i}': params['encoder'][f'layer_{l}'] for i, l in enumerate(layers)}
-  return out
+def _copied_student(ctx, source, num_layers, keep_head):
+  """A student copying the stage's `layers` of `source` (a Teacher; empty = the XTC default for
+  `num_layers`), with its embeddings and pooler, and its head if `keep_head`."""
+  n = source.config.num_hidden_layers
+  layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(n, num_layers)
+  layer_map_lib.check_layer_list(layers, n, f'config.stages.{ctx.name}.layers')
+  ctx.student_layers = tuple(layers)
+  params = {k: v for k, v in jax.tree.map(np.asarray, dict(source.params)).items()
+            if keep_head or k != 'classifier'}
+  params['encoder'] = {f'layer_{i}': source.params['encoder'][f'layer_{l}']
+                       for i, l in enumerate(layers)}
+  cfg = source.config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
+                              remat=ctx.config.model.remat)
+  if not keep_head:
+    cfg = cfg.replace(num_labels=0, label_names=())
+  return new_state(cfg, params, rng=jax.random.PRNGKey(ctx.config.seed))
 
 
 def init_student(state, ctx):
-  """General KD's starting point, created already sharded: random (TinyBERT), or with `init:
-  pretrained` a copy of some of config.pretrained's layers (same width; a short general KD then
-  starts from a working model instead of noise)."""
+  """General KD's starting point: a random student created already sharded (TinyBERT), or with
+  `init: pretrained` a copy of some of config.pretrained's layers at its width, headless like the
+  random one (a short general KD then starts from a working model instead of noise)."""
   del state
   base = ctx.pretrained.config
   cfg = _student_config(ctx, base)
@@ -122,13 +133,7 @@ def init_student(state, ctx):
     raise BitbertError(f'config.stages.{ctx.name}: the student needs the teacher\'s '
                        f'{base.num_attention_heads} attention heads for the attention loss')
   if ctx.stage.get('init', 'random') == 'pretrained':
-    layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(
-        base.num_hidden_layers, cfg.num_hidden_layers)
-    layer_map_lib.check_layer_list(layers, base.num_hidden_layers, f'config.stages.{ctx.name}.layers')
-    ctx.student_layers = tuple(layers)
-    return new_state(base.replace(num_hidden_layers=len(layers), dtype=cfg.dtype, remat=cfg.remat),
-                     _copy_layers(ctx.pretrained.params, layers),
-                     rng=jax.random.PRNGKey(ctx.config.seed))
+    return _copied_student(ctx, ctx.pretrained, cfg.num_hidden_layers, keep_head=False)
   model = BertModel(cfg)
   rng = jax.random.PRNGKey(ctx.config.seed)
   abstract = jax.eval_shape(lambda r: init_variables(model, r)['params'], rng)
@@ -141,16 +146,8 @@ def reduce_layers(state, ctx):
   """XTC initialisation: the student copies a list of the task teacher's layers, its embeddings,
   pooler and head; `layers` empty = the XTC default for `num_layers`."""
   del state
-  t = ctx.teacher
-  n = t.config.num_hidden_layers
-  layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(
-      n, ctx.stage.get('num_layers') or n)
-  layer_map_lib.check_layer_list(layers, n, f'config.stages.{ctx.name}.layers')
-  params = _copy_layers(t.params, layers)
-  cfg = t.config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
-                         remat=ctx.config.model.remat)
-  ctx.student_layers = tuple(layers)
-  return new_state(cfg, params, rng=jax.random.PRNGKey(ctx.config.seed))
+  n = ctx.teacher.config.num_hidden_layers
+  return _copied_student(ctx, ctx.teacher, ctx.stage.get('num_layers') or n, keep_head=True)
 
 
 def _layer_map(ctx, student_cfg, teacher_cfg):
