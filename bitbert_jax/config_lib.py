@@ -6,6 +6,7 @@ Configs are data: every field below can be overridden on the command line
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from bitbert_jax.errors import BitbertError
 
@@ -42,7 +43,9 @@ def base_config(args):
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').
   c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode=''))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0))
+  # float_lr/float_warmup: the non-quantized parameters' own lr (0 = lr) and warmup (unset = warmup).
+  c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0,
+                                           float_lr=0.0, float_warmup=placeholder(float)))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, log_every=50, eval_every=0, checkpoint_every_steps=0,
       checkpoint_every_secs=600.0, keep_checkpoints=2, skip_nonfinite=False, grad_accum_steps=1,
@@ -57,8 +60,11 @@ def stage(kind, **fields):
   """One stage section. Training stages take epochs/lr/batch_size/max_steps overrides."""
   base = dict(kind=kind)
   if kind in ('finetune', 'general_kd', 'task_kd'):
-    base.update(epochs=1.0, lr=None, batch_size=None, max_steps=-1, warmup=None, keep_best=None,
-                eval_every=None, data='task')
+    # Typed placeholders (None until set), so that `--config.stages.X.lr=...` parses.
+    base.update(epochs=1.0, lr=placeholder(float), batch_size=placeholder(int), max_steps=-1,
+                warmup=placeholder(float), keep_best=placeholder(bool),
+                eval_every=placeholder(int), data='task', float_lr=placeholder(float),
+                float_warmup=placeholder(float))
   if kind == 'task_kd':
     base.update(losses='all', temperature=1.0, layers=[])
   if kind in ('init_student',):

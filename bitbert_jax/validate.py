@@ -146,6 +146,9 @@ def _check_optim(o):
   _check_number(o.warmup, 'config.optim.warmup', lo=0,
                 what=' (a fraction of the steps if < 1, else epochs)')
   _check_number(o.clip_norm, 'config.optim.clip_norm', lo=0, what=' (0: no clipping)')
+  _check_number(o.get('float_lr', 0.0), 'config.optim.float_lr', lo=0, what=' (0: lr)')
+  if o.get('float_warmup') is not None:
+    _check_number(o.float_warmup, 'config.optim.float_warmup', lo=0)
 
 
 def _check_train(t):
@@ -214,6 +217,10 @@ def _check_training_stage(config, s, field, data_parallel):
                 what=' (the learning rate)')
   if own('warmup'):
     _check_number(s.warmup, f'{field}.warmup', lo=0)
+  if own('float_lr'):
+    _check_number(s.float_lr, f'{field}.float_lr', lo=0, what=' (0: lr)')
+  if own('float_warmup'):
+    _check_number(s.float_warmup, f'{field}.float_warmup', lo=0)
   max_steps = s.get('max_steps', -1)
   if not _is_int(max_steps):
     raise BitbertError(f'{field}.max_steps={max_steps!r}: need an integer (<= 0: use epochs)')

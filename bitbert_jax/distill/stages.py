@@ -46,6 +46,8 @@ def settings(ctx):
   return train_lib.Settings(
       lr=get('lr', c.optim.lr), epochs=get('epochs', 1.0),
       batch_size=get('batch_size', c.train.batch_size), warmup=get('warmup', c.optim.warmup),
+      float_lr=get('float_lr', c.optim.get('float_lr', 0.0)),
+      float_warmup=get('float_warmup', c.optim.get('float_warmup')),
       weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
       max_steps=get('max_steps', -1), log_every=c.train.log_every,
       eval_every=get('eval_every', c.train.eval_every), keep_best=get('keep_best', True),
