@@ -66,7 +66,9 @@ def stage(kind, **fields):
                 eval_every=placeholder(int), data='task', float_lr=placeholder(float),
                 float_warmup=placeholder(float))
   if kind == 'task_kd':
-    base.update(losses='all', temperature=1.0, layers=[])
+    # Loss weights per term; attn_loss: 'mse' (pre-softmax scores) or 'kl' (probabilities).
+    base.update(losses='all', temperature=1.0, layers=[], pred_weight=1.0, attn_weight=1.0,
+                hidden_weight=1.0, attn_loss='mse')
   if kind in ('init_student',):
     # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width).
     base.update(num_layers=0, hidden_size=0, intermediate_size=0, init='random', layers=[])

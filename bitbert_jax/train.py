@@ -89,11 +89,18 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Which losses a stage sums (each with weight 1): 'label' (gold labels, fine-tuning only),
-  'pred' (teacher logits), 'attn' (attention scores), 'hidden' (hidden states)."""
+  """Which losses a stage sums: 'label' (gold labels, fine-tuning only), 'pred' (teacher
+  logits), 'attn' (attention scores), 'hidden' (hidden states); each times its entry of
+  `weights` ((name, weight) pairs; 1 if absent). attn_loss: 'mse' of the pre-softmax scores or
+  'kl' of the probabilities (`losses.ATTENTION_LOSSES`)."""
   losses: tuple[str, ...]
   layer_map: Any = None
   temperature: float = 1.0
+  weights: tuple[tuple[str, float], ...] = ()
+  attn_loss: str = 'mse'
+
+  def weight(self, term):
+    return dict(self.weights).get(term, 1.0)
 
   @property
   def needs_teacher(self):
@@ -179,14 +186,17 @@ def make_loss_fn(student, teacher_model, objective, is_regression):
         terms['pred'] = losses.prediction_loss(out.logits, t.logits, w, is_regression,
                                                objective.temperature)
       if 'attn' in objective.losses:
+        attention_loss = losses.ATTENTION_LOSSES[objective.attn_loss]
         terms.update(_per_layer('attn', [
-            losses.attention_mse(s, t.attention_scores[j], mask, w)
+            attention_loss(s, t.attention_scores[j], mask, w)
             for s, j in zip(out.attention_scores, lmap.attention)]))
       if 'hidden' in objective.losses:
         proj = aux_params.get('hidden_proj') if aux_params else None
         terms.update(_per_layer('hidden', [losses.hidden_mse(s, t.hidden_states[j], w, proj)
                                            for s, j in zip(out.hidden_states, lmap.hidden)]))
-    return sum(v for k, v in terms.items() if '/' not in k), (terms, new_model_state)
+    # Terms are logged unweighted; the loss weighs them (per-layer parts are not summed twice).
+    loss = sum(objective.weight(k) * v for k, v in terms.items() if '/' not in k)
+    return loss, (terms, new_model_state)
 
   return loss_fn
 

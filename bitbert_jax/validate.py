@@ -192,6 +192,9 @@ def _check_stage(config, name, before, data_parallel):
   if kind == 'task_kd':
     _check_choice(s.get('losses', 'all'), f'{field}.losses', LOSSES)
     _check_number(s.get('temperature', 1.0), f'{field}.temperature', positive=True)
+    for term in ('pred', 'attn', 'hidden'):
+      _check_number(s.get(f'{term}_weight', 1.0), f'{field}.{term}_weight', lo=0)
+    _check_choice(s.get('attn_loss', 'mse'), f'{field}.attn_loss', ('mse', 'kl'))
   if kind in ('task_kd', 'general_kd', 'reduce_layers'):
     _check_layer_list(s.get('layers') or [], f'{field}.layers')
   if kind in ('reduce_layers', 'init_student'):

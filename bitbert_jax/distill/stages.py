@@ -194,9 +194,11 @@ def task_kd(state, ctx):
   if which not in LOSS_SETS or which == 'label':
     raise BitbertError(f'config.stages.{ctx.name}.losses={which!r}; valid: stage1, stage2, all')
   state = attach_head(state, ctx.task, ctx.config.seed)
+  st = ctx.stage
+  weights = tuple((k, float(st.get(f'{k}_weight', 1.0))) for k in ('pred', 'attn', 'hidden'))
   objective = train_lib.Objective(LOSS_SETS[which],
                                   _layer_map(ctx, state.model_config, ctx.teacher.config),
-                                  ctx.stage.get('temperature', 1.0))
+                                  st.get('temperature', 1.0), weights, st.get('attn_loss', 'mse'))
   if 'hidden' in objective.losses:
     state = _with_projection(state, ctx.teacher.config, ctx.config.seed)
   if which == 'stage1' and ctx.stage.get('keep_best') is None:
