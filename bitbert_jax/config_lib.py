@@ -41,7 +41,10 @@ def base_config(args):
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').
-  c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode=''))
+  # warmin: fraction of a stage over which quantization ramps in (0 = off); binary_mode: 'bwn'
+  # (alpha * sign(w)) or 'centered' (BiT: alpha * sign(w - mean) + mean).
+  c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode='',
+                                           warmin=0.0, binary_mode='bwn'))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # float_lr/float_warmup: the non-quantized parameters' own lr (0 = lr) and warmup (unset = warmup).
   c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0,
@@ -64,7 +67,7 @@ def stage(kind, **fields):
     base.update(epochs=1.0, lr=placeholder(float), batch_size=placeholder(int), max_steps=-1,
                 warmup=placeholder(float), keep_best=placeholder(bool),
                 eval_every=placeholder(int), data='task', float_lr=placeholder(float),
-                float_warmup=placeholder(float))
+                float_warmup=placeholder(float), warmin=placeholder(float))
   if kind == 'task_kd':
     # Loss weights per term; attn_loss: 'mse' (pre-softmax scores) or 'kl' (probabilities).
     base.update(losses='all', temperature=1.0, layers=[], pred_weight=1.0, attn_weight=1.0,

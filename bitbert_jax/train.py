@@ -149,6 +149,7 @@ class Settings:
   warmup: float = 0.1  # fraction of total steps (< 1) or number of epochs (>= 1)
   float_lr: float = 0.0  # lr of the non-quantized parameters; 0 = lr
   float_warmup: float | None = None  # their warmup, as `warmup`; None = warmup
+  warmin: float = 0.0  # quantization warm-in: lambda 0 -> 1 over this fraction of the steps
   weight_decay: float = 0.01
   clip_norm: float = 1.0
   max_steps: int = -1
@@ -165,13 +166,14 @@ class Settings:
 
 
 def make_loss_fn(student, teacher_model, objective, is_regression):
-  """loss_fn(params, aux, model_state, batch, teacher_params, rng) -> (loss, (terms, state))."""
+  """loss_fn(params, aux, model_state, batch, teacher_params, rng, quant_mix=None) ->
+  (loss, (terms, state)); quant_mix: the student's warm-in lambda (None: fully quantized)."""
 
-  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng):
+  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng, quant_mix=None):
     mutable = list(model_state) if model_state else False
     out = student.apply({'params': params, **model_state}, batch['input_ids'],
                         batch['attention_mask'], batch['token_type_ids'], deterministic=False,
-                        rngs={'dropout': rng}, mutable=mutable)
+                        rngs={'dropout': rng}, mutable=mutable, quant_mix=quant_mix)
     out, new_model_state = out if mutable else (out, model_state)
     w, mask = batch['weights'], batch['attention_mask']
     terms = {}
@@ -206,15 +208,27 @@ def _per_layer(name, values):
   return {name: sum(values), **{f'{name}/{i}': v for i, v in enumerate(values)}}
 
 
-def make_train_step(loss_fn, tx):
-  """One optimiser step; a non-finite loss or gradient leaves the state unchanged."""
+def warmin_lambda(step, warmin_steps):
+  """The warm-in lambda before step `step` (0-based): linear 0 -> 1 over `warmin_steps`."""
+  return jnp.minimum(1.0, step.astype(jnp.float32) / warmin_steps)
+
+
+def make_train_step(loss_fn, tx, warmin_steps=0):
+  """One optimiser step; a non-finite loss or gradient leaves the state unchanged.
+
+  warmin_steps > 0: the student's quantization is warmed in over that many steps (lambda is
+  computed from state.step inside the step: one compiled step for the whole ramp).
+  """
 
   def step(state, batch, teacher_params):
     rng, step_rng = jax.random.split(state.rng)
+    mix = warmin_lambda(state.step, warmin_steps) if warmin_steps > 0 else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (loss, (terms, model_state)), grads = grad_fn(state.params, state.aux_params,
                                                   state.model_state, batch, teacher_params,
-                                                  step_rng)
+                                                  step_rng, mix)
+    if mix is not None:
+      terms = dict(terms, quant_lambda=mix)
     grad_norm = optax.tree.norm(grads)
     trainable = (state.params, state.aux_params)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -354,7 +368,7 @@ def _grouped(policy, lr, warmup, float_lr, float_warmup):
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(model_config, policy, teacher_config, objective, lr, steps, warmup_steps,
                         weight_decay, clip_norm, accum, field, float_lr=None,
-                        float_warmup_steps=None, grouped=False):
+                        float_warmup_steps=None, grouped=False, warmin_steps=0):
   """(tx, schedules, step function); equal arguments give the same objects, so a stage run
   again in this process (a retry, a notebook re-run, tests) reuses the compiled step."""
   tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field,
@@ -365,7 +379,7 @@ def _optimizer_and_step(model_config, policy, teacher_config, objective, lr, ste
   teacher_model = BertModel(teacher_config) if teacher_config is not None else None
   loss_fn = make_loss_fn(BertModel(model_config, policy), teacher_model, objective,
                          model_config.is_regression)
-  return tx, schedule, make_train_step(loss_fn, tx)
+  return tx, schedule, make_train_step(loss_fn, tx, warmin_steps)
 
 
 def _fingerprint(settings, total, steps_per_epoch, objective):
@@ -373,6 +387,7 @@ def _fingerprint(settings, total, steps_per_epoch, objective):
   return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
               batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
               float_lr=settings.float_lr, float_warmup=settings.float_warmup,
+              warmin=settings.warmin,
               grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses))
 
 
@@ -426,7 +441,7 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
       settings.weight_decay, settings.clip_norm, accum, settings.field,
       float_lr=settings.float_lr or None,
       float_warmup_steps=None if float_warmup is None else int(float_warmup) // accum,
-      grouped=grouped)
+      grouped=grouped, warmin_steps=settings.warmin * total if state.policy.enabled else 0)
 
   state = state.replace(step=jnp.zeros((), jnp.int32))
   teacher_model = BertModel(teacher.config) if teacher is not None else None

@@ -220,6 +220,10 @@ def _check_training_stage(config, s, field, data_parallel):
                 what=' (the learning rate)')
   if own('warmup'):
     _check_number(s.warmup, f'{field}.warmup', lo=0)
+  warmin = s.warmin if own('warmin') else config.quant.get('warmin', 0.0)
+  if not _is_number(warmin) or not 0 <= warmin <= 1:
+    raise BitbertError(f'{field + ".warmin" if own("warmin") else "config.quant.warmin"}='
+                       f'{warmin!r}: need a fraction of the stage in [0, 1] (0: off)')
   if own('float_lr'):
     _check_number(s.float_lr, f'{field}.float_lr', lo=0, what=' (0: lr)')
   if own('float_warmup'):

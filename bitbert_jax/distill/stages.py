@@ -48,6 +48,7 @@ def settings(ctx):
       batch_size=get('batch_size', c.train.batch_size), warmup=get('warmup', c.optim.warmup),
       float_lr=get('float_lr', c.optim.get('float_lr', 0.0)),
       float_warmup=get('float_warmup', c.optim.get('float_warmup')),
+      warmin=get('warmin', c.quant.get('warmin', 0.0)),
       weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
       max_steps=get('max_steps', -1), log_every=c.train.log_every,
       eval_every=get('eval_every', c.train.eval_every), keep_best=get('keep_best', True),
