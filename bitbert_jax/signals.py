@@ -53,8 +53,7 @@ def _planes(policy, path, latent):
     planes = layers.quantized_kernel_planes(policy, path, latent, latent.shape[-1])
   else:
     planes = layers.quantized_embedding_planes(policy, path, latent)
-  value = planes.codes * planes.element_scales()
-  return value, latent if policy.is_split(path) else latent[None]
+  return planes.plane_values(), latent if policy.is_split(path) else latent[None]
 
 
 def _flips(a, b):

@@ -266,11 +266,17 @@ def _check_bits(config, bits, field):
     raise BitbertError(f'config.quant.act_mode={q.act_mode!r}: valid: \'\' (the default for '
                        f'the bits), {", ".join(policy_lib.ACT_MODES)}')
   try:
-    policy_lib.policy_from_name(bits, weight_groups=q.weight_groups,
-                                ffn_output_bits=q.ffn_output_bits or None,
-                                act_mode=q.act_mode or None)
+    policy = policy_lib.policy_from_name(bits, weight_groups=q.weight_groups,
+                                         ffn_output_bits=q.ffn_output_bits or None,
+                                         act_mode=q.act_mode or None,
+                                         binary_mode=q.get('binary_mode', 'bwn'))
   except BitbertError as e:
     raise BitbertError(f'{field}={bits!r} (with config.quant): {e}') from None
+  centered = any(r.mode == 'centered' for _, r in policy.rules)
+  if centered and config.export.packed:
+    raise BitbertError(f'config.quant.binary_mode=\'centered\' ({field}={bits!r}) cannot be '
+                       'packed: the packed format stores sign bits and scales, not the group '
+                       'means; set config.export.packed=False (or binary_mode=\'bwn\')')
 
 
 def _check_export(e):

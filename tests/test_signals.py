@@ -83,3 +83,15 @@ def test_relative_error_is_zero_for_binary_weights_and_exact_otherwise():
 
 def test_nothing_quantized_no_signals():
   assert not signals.SignTracker(policy_from_name('32-32-32'), _params(np.random.default_rng(0)))
+
+
+def test_relative_error_uses_the_centered_quantizer():
+  policy = policy_from_name('1-1-8', binary_mode='centered')
+  params = _params(np.random.default_rng(3))
+  two_values = jnp.where(np.arange(128).reshape(8, 16) % 2 == 0, 0.75, -0.25)  # mean 0.25
+  params['encoder']['layer_0']['intermediate']['kernel'] = two_values
+  params['encoder']['layer_0']['output']['kernel'] = two_values.T
+  tracker = signals.SignTracker(policy, params)
+  tracker.reset(params)
+  assert tracker.log(params)['quant_relerr/ffn'] < 1e-6  # bwn would leave an error here
+  assert signals.SignTracker(POLICY, params).paths == tracker.paths

@@ -213,7 +213,8 @@ def quantize(state, ctx):
   q = ctx.config.quant
   policy = policy_from_name(ctx.stage.bits, weight_groups=q.weight_groups,
                             ffn_output_bits=q.ffn_output_bits or None,
-                            act_mode=q.act_mode or None)
+                            act_mode=q.act_mode or None,
+                            binary_mode=q.get('binary_mode', 'bwn'))
   return with_policy(state, policy, ctx.data.sample_batch() if ctx.data else None)
 
 

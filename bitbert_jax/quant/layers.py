@@ -19,6 +19,7 @@ from bitbert_jax.quant import packed_layers
 from bitbert_jax.quant import packing
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.quant.quantizers import activation_codes
+from bitbert_jax.quant.quantizers import centered_binary_codes
 from bitbert_jax.quant.quantizers import from_codes
 from bitbert_jax.quant.quantizers import quantize_weight
 from bitbert_jax.quant.quantizers import weight_codes
@@ -46,9 +47,9 @@ def quantized_value(policy, path, latent, rows):
     return latent
   groups = _groups(quant, rows)
   if policy.is_split(path):
-    return quantize_weight(latent[0], quant.bits, groups) + quantize_weight(
-        latent[1], quant.bits, groups)
-  return quantize_weight(latent, quant.bits, groups)
+    return quantize_weight(latent[0], quant.bits, groups, quant.mode) + quantize_weight(
+        latent[1], quant.bits, groups, quant.mode)
+  return quantize_weight(latent, quant.bits, groups, quant.mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +125,17 @@ def _planes(policy, path, latent, rows, transposed):
   # within an ulp of a ternary threshold lands on the side this layout decides: everything that
   # needs the layer's quantized weight (splitting, packing) calls this function.
   flip = transposed and groups != 1
-  codes, scales = [], []
+  codes, scales, offsets = [], [], []
   for plane in planes:
-    c, s = weight_codes(plane.T if flip else plane, quant.bits, groups)
+    if quant.mode == 'centered':
+      c, s, o = centered_binary_codes(plane.T if flip else plane, groups)
+      offsets.append(o)
+    else:
+      c, s = weight_codes(plane.T if flip else plane, quant.bits, groups)
     codes.append(c.T if flip else c)
     scales.append(s)
-  return QuantizedPlanes(jnp.stack(codes), jnp.stack(scales), quant.bits, groups, transposed)
+  return QuantizedPlanes(jnp.stack(codes), jnp.stack(scales), quant.bits, groups, transposed,
+                         jnp.stack(offsets) if offsets else None)
 
 
 def quantized_kernel_planes(policy, path, kernel, features):
