@@ -388,7 +388,9 @@ def _fingerprint(settings, total, steps_per_epoch, objective):
               batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
               float_lr=settings.float_lr, float_warmup=settings.float_warmup,
               warmin=settings.warmin,
-              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses))
+              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses),
+              loss_weights=[list(w) for w in objective.weights], attn_loss=objective.attn_loss,
+              temperature=objective.temperature)
 
 
 def _check_fingerprint(name, field, fingerprint):

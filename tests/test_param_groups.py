@@ -90,3 +90,15 @@ def test_group_fields_parse_from_the_command_line():
       cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True,
       check=True)
   assert out.stdout.split() == ['0.001', '0.2', '0.002', '1.0', '0.0003', '4']
+
+
+def test_decay_mask_holds_in_both_groups():
+  params = init_params(TINY, POLICY)
+  tx, _ = optim.make_optimizer(0.1, 10, 0, weight_decay=0.5, clip_norm=1.0, float_lr=0.2,
+                               labels=train.param_labels(POLICY))
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates = _flat(tx.update(zero, tx.init(params), params)[0])
+  decayed = {k for k, u in updates.items() if float(jnp.abs(u).sum()) > 0}
+  assert "['encoder']['layer_0']['attention']['query']['kernel']" in decayed  # quant group
+  assert "['classifier']['kernel']" in decayed  # float group
+  assert not any('bias' in k or 'LayerNorm' in k for k in decayed)
