@@ -214,7 +214,6 @@ class QDense(nn.Module):
       y = y + bias.astype(self.dtype)
     return y
 
-
   def _warm_in(self, x, kernel, planes, act, mix, quantized, on_grid, split):
     # Exact at both ends: lambda = 0 is the float layer, lambda = 1 the quantized one (on the
     # integer grid too, via cond); the latent weights get the straight-through gradient.
