@@ -130,7 +130,8 @@ class StageCheckpoints:
     """(tree, meta) of the newest intact checkpoint, or None.
 
     A damaged one (a file missing, truncated or changed; unreadable) is deleted with a warning
-    naming the problem, and the previous one is tried. `check_meta(meta, where)` may raise a
+    naming the problem, and the previous one is tried. `abstract_tree` may be a function of the
+    checkpoint's meta (a tree whose layout depends on it). `check_meta(meta, where)` may raise a
     BitbertError when an intact checkpoint does not belong to this run's settings.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
@@ -148,8 +149,9 @@ class StageCheckpoints:
         if check_meta is not None:
           check_meta(meta, where)
         try:
+          target = abstract_tree(meta) if callable(abstract_tree) else abstract_tree
           restored = self._manager.restore(step, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract_tree), meta=ocp.args.JsonRestore()))
+              state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
           return restored.state, restored.meta
         except Exception as e:  # pylint: disable=broad-except
           if os.path.exists(os.path.join(where, MANIFEST)):  # intact files: another model

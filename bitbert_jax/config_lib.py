@@ -6,6 +6,7 @@ Configs are data: every field below can be overridden on the command line
 import os
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from bitbert_jax.errors import BitbertError
 
@@ -40,9 +41,14 @@ def base_config(args):
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').
-  c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode=''))
+  # warmin: fraction of a stage over which quantization ramps in (0 = off); binary_mode: 'bwn'
+  # (alpha * sign(w)) or 'centered' (BiT: alpha * sign(w - mean) + mean).
+  c.quant = ml_collections.ConfigDict(dict(weight_groups='1', ffn_output_bits=0, act_mode='',
+                                           warmin=0.0, binary_mode='bwn'))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0))
+  # float_lr/float_warmup: the non-quantized parameters' own lr (0 = lr) and warmup (unset = warmup).
+  c.optim = ml_collections.ConfigDict(dict(lr=5e-5, weight_decay=0.01, warmup=0.1, clip_norm=1.0,
+                                           float_lr=0.0, float_warmup=placeholder(float)))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=32, log_every=50, eval_every=0, checkpoint_every_steps=0,
       checkpoint_every_secs=600.0, keep_checkpoints=2, skip_nonfinite=False, grad_accum_steps=1,
@@ -57,10 +63,15 @@ def stage(kind, **fields):
   """One stage section. Training stages take epochs/lr/batch_size/max_steps overrides."""
   base = dict(kind=kind)
   if kind in ('finetune', 'general_kd', 'task_kd'):
-    base.update(epochs=1.0, lr=None, batch_size=None, max_steps=-1, warmup=None, keep_best=None,
-                eval_every=None, data='task')
+    # Typed placeholders (None until set), so that `--config.stages.X.lr=...` parses.
+    base.update(epochs=1.0, lr=placeholder(float), batch_size=placeholder(int), max_steps=-1,
+                warmup=placeholder(float), keep_best=placeholder(bool),
+                eval_every=placeholder(int), data='task', float_lr=placeholder(float),
+                float_warmup=placeholder(float), warmin=placeholder(float))
   if kind == 'task_kd':
-    base.update(losses='all', temperature=1.0, layers=[])
+    # Loss weights per term; attn_loss: 'mse' (pre-softmax scores) or 'kl' (probabilities).
+    base.update(losses='all', temperature=1.0, layers=[], pred_weight=1.0, attn_weight=1.0,
+                hidden_weight=1.0, attn_loss='mse')
   if kind in ('init_student',):
     # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width).
     base.update(num_layers=0, hidden_size=0, intermediate_size=0, init='random', layers=[])

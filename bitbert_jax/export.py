@@ -152,6 +152,10 @@ def layer_planes(policy, path, value):
     planes = quantized_kernel_planes(policy, path, value, value.shape[-1])
   else:
     planes = quantized_embedding_planes(policy, path, value)
+  if planes.offsets is not None:  # the packed format has no per-group offset
+    raise BitbertError(f'{path}: config.quant.binary_mode=\'centered\' weights (sign, scale and '
+                       'group mean) cannot be packed; export them with binary_mode=\'bwn\' or '
+                       'as float (config.export.packed=False)')
   codes = np.asarray(planes.output_major_codes())
   int_codes = codes.astype(np.int8)
   if not np.array_equal(int_codes, codes):

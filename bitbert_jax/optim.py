@@ -1,8 +1,15 @@
-"""AdamW with linear warmup and decay and global-norm clipping (BERT's recipe)."""
+"""AdamW with linear warmup and decay and global-norm clipping (BERT's recipe).
+
+Optionally two parameter groups, each with its own learning rate and warmup: the quantized
+latent weights ('quant') and everything else ('float': LayerNorms, biases, head, float
+embeddings, distillation-only parameters), via `optax.multi_transform`.
+"""
 import jax
 import optax
 
 from bitbert_jax.errors import BitbertError
+
+GROUPS = ('quant', 'float')
 
 
 def _decay_mask(params):
@@ -23,17 +30,36 @@ def learning_rate_schedule(lr, total_steps, warmup_steps):
   ], [warmup_steps])
 
 
+def _adamw(schedule, weight_decay):
+  return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay,
+                     mask=_decay_mask)
+
+
 def make_optimizer(lr, total_steps, warmup_steps, weight_decay=0.01, clip_norm=1.0,
-                   field='optim'):
-  """Returns (optax transform, schedule). Refuses nonsensical settings by field name."""
+                   field='optim', float_lr=None, float_warmup_steps=None, labels=None):
+  """Returns (optax transform, {'lr': schedule, 'lr_float': schedule}).
+
+  labels: None (one group), or a function of the params tree giving 'quant' or 'float' per leaf;
+  then the 'float' leaves train with `float_lr` (None/0: lr) and `float_warmup_steps` (None:
+  warmup_steps). Clipping stays global over both groups. Refuses nonsensical settings by field.
+  """
   if not lr > 0:
     raise BitbertError(f'{field}.lr={lr}: the learning rate must be > 0')
+  if float_lr is not None and float_lr < 0:
+    raise BitbertError(f'{field}.float_lr={float_lr}: must be >= 0 (0: the same as lr)')
   if weight_decay < 0:
     raise BitbertError(f'{field}.weight_decay={weight_decay}: must be >= 0')
   if total_steps < 1:
     raise BitbertError(f'{field}: {total_steps} training steps; give epochs or steps > 0')
   schedule = learning_rate_schedule(lr, total_steps, warmup_steps)
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm and clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=weight_decay,
-                           mask=_decay_mask))
-  return optax.chain(*parts), schedule
+  if labels is None:
+    parts.append(_adamw(schedule, weight_decay))
+    return optax.chain(*parts), {'lr': schedule, 'lr_float': schedule}
+  float_schedule = learning_rate_schedule(
+      float_lr or lr, total_steps,
+      warmup_steps if float_warmup_steps is None else float_warmup_steps)
+  parts.append(optax.multi_transform(
+      {'quant': _adamw(schedule, weight_decay), 'float': _adamw(float_schedule, weight_decay)},
+      labels))
+  return optax.chain(*parts), {'lr': schedule, 'lr_float': float_schedule}

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import logs
 from bitbert_jax import sharding
+from bitbert_jax import signals as signals_lib
 from bitbert_jax.data import batching
 from bitbert_jax.data import metrics as metrics_lib
 from bitbert_jax.distill import losses
@@ -88,11 +89,18 @@ class Teacher:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Which losses a stage sums (each with weight 1): 'label' (gold labels, fine-tuning only),
-  'pred' (teacher logits), 'attn' (attention scores), 'hidden' (hidden states)."""
+  """Which losses a stage sums: 'label' (gold labels, fine-tuning only), 'pred' (teacher
+  logits), 'attn' (attention scores), 'hidden' (hidden states); each times its entry of
+  `weights` ((name, weight) pairs; 1 if absent). attn_loss: 'mse' of the pre-softmax scores or
+  'kl' of the probabilities (`losses.ATTENTION_LOSSES`)."""
   losses: tuple[str, ...]
   layer_map: Any = None
   temperature: float = 1.0
+  weights: tuple[tuple[str, float], ...] = ()
+  attn_loss: str = 'mse'
+
+  def weight(self, term):
+    return dict(self.weights).get(term, 1.0)
 
   @property
   def needs_teacher(self):
@@ -139,6 +147,9 @@ class Settings:
   epochs: float
   batch_size: int
   warmup: float = 0.1  # fraction of total steps (< 1) or number of epochs (>= 1)
+  float_lr: float = 0.0  # lr of the non-quantized parameters; 0 = lr
+  float_warmup: float | None = None  # their warmup, as `warmup`; None = warmup
+  warmin: float = 0.0  # quantization warm-in: lambda 0 -> 1 over this fraction of the steps
   weight_decay: float = 0.01
   clip_norm: float = 1.0
   max_steps: int = -1
@@ -155,13 +166,14 @@ class Settings:
 
 
 def make_loss_fn(student, teacher_model, objective, is_regression):
-  """loss_fn(params, aux, model_state, batch, teacher_params, rng) -> (loss, (terms, state))."""
+  """loss_fn(params, aux, model_state, batch, teacher_params, rng, quant_mix=None) ->
+  (loss, (terms, state)); quant_mix: the student's warm-in lambda (None: fully quantized)."""
 
-  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng):
+  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng, quant_mix=None):
     mutable = list(model_state) if model_state else False
     out = student.apply({'params': params, **model_state}, batch['input_ids'],
                         batch['attention_mask'], batch['token_type_ids'], deterministic=False,
-                        rngs={'dropout': rng}, mutable=mutable)
+                        rngs={'dropout': rng}, mutable=mutable, quant_mix=quant_mix)
     out, new_model_state = out if mutable else (out, model_state)
     w, mask = batch['weights'], batch['attention_mask']
     terms = {}
@@ -176,26 +188,47 @@ def make_loss_fn(student, teacher_model, objective, is_regression):
         terms['pred'] = losses.prediction_loss(out.logits, t.logits, w, is_regression,
                                                objective.temperature)
       if 'attn' in objective.losses:
-        terms['attn'] = sum(losses.attention_mse(s, t.attention_scores[j], mask, w)
-                            for s, j in zip(out.attention_scores, lmap.attention))
+        attention_loss = losses.ATTENTION_LOSSES[objective.attn_loss]
+        terms.update(_per_layer('attn', [
+            attention_loss(s, t.attention_scores[j], mask, w)
+            for s, j in zip(out.attention_scores, lmap.attention)]))
       if 'hidden' in objective.losses:
         proj = aux_params.get('hidden_proj') if aux_params else None
-        terms['hidden'] = sum(losses.hidden_mse(s, t.hidden_states[j], w, proj)
-                              for s, j in zip(out.hidden_states, lmap.hidden))
-    return sum(terms.values()), (terms, new_model_state)
+        terms.update(_per_layer('hidden', [losses.hidden_mse(s, t.hidden_states[j], w, proj)
+                                           for s, j in zip(out.hidden_states, lmap.hidden)]))
+    # Terms are logged unweighted; the loss weighs them (per-layer parts are not summed twice).
+    loss = sum(objective.weight(k) * v for k, v in terms.items() if '/' not in k)
+    return loss, (terms, new_model_state)
 
   return loss_fn
 
 
-def make_train_step(loss_fn, tx):
-  """One optimiser step; a non-finite loss or gradient leaves the state unchanged."""
+def _per_layer(name, values):
+  """{name: sum, name/i: values[i]}: the summed term and each student layer's part."""
+  return {name: sum(values), **{f'{name}/{i}': v for i, v in enumerate(values)}}
+
+
+def warmin_lambda(step, warmin_steps):
+  """The warm-in lambda before step `step` (0-based): linear 0 -> 1 over `warmin_steps`."""
+  return jnp.minimum(1.0, step.astype(jnp.float32) / warmin_steps)
+
+
+def make_train_step(loss_fn, tx, warmin_steps=0):
+  """One optimiser step; a non-finite loss or gradient leaves the state unchanged.
+
+  warmin_steps > 0: the student's quantization is warmed in over that many steps (lambda is
+  computed from state.step inside the step: one compiled step for the whole ramp).
+  """
 
   def step(state, batch, teacher_params):
     rng, step_rng = jax.random.split(state.rng)
+    mix = warmin_lambda(state.step, warmin_steps) if warmin_steps > 0 else None
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (loss, (terms, model_state)), grads = grad_fn(state.params, state.aux_params,
                                                   state.model_state, batch, teacher_params,
-                                                  step_rng)
+                                                  step_rng, mix)
+    if mix is not None:
+      terms = dict(terms, quant_lambda=mix)
     grad_norm = optax.tree.norm(grads)
     trainable = (state.params, state.aux_params)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
@@ -239,8 +272,11 @@ def state_shardings(mesh, state, tx=None):
   aux_sh = jax.tree.map(lambda _: rep, state.aux_params)
   opt_sh = jax.tree.map(lambda _: rep, state.opt_state)
   if tx is not None and state.opt_state != ():
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state.opt_state, (p_sh, aux_sh),
-                                   transform_non_params=lambda _: rep)
+    # A multi_transform group's state holds MaskedNode where the other group's params are.
+    masked = lambda v: isinstance(v, optax.MaskedNode)
+    opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, state.opt_state,
+                                   (p_sh, aux_sh), transform_non_params=lambda _: rep,
+                                   is_leaf=masked)
   return state.replace(step=rep, params=p_sh, aux_params=aux_sh, opt_state=opt_sh,
                        model_state=jax.tree.map(lambda _: rep, state.model_state), rng=rep)
 
@@ -307,25 +343,54 @@ def _flat_metrics(evals):
           for k, v in m.items()}
 
 
+def param_labels(policy):
+  """labels(trainable) for `optim.make_optimizer`: 'quant' where `policy` quantizes the leaf of
+  the student's params (a (params, aux_params) tuple or a params dict), else 'float'."""
+
+  def label(path, _):
+    if isinstance(path[0], jax.tree_util.SequenceKey):
+      if path[0].idx != 0:
+        return 'float'  # aux_params: distillation-only, never quantized
+      path = path[1:]
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    return 'quant' if policy.weight_quant(name) is not None else 'float'
+
+  return lambda tree: jax.tree_util.tree_map_with_path(label, tree)
+
+
+def _grouped(policy, lr, warmup, float_lr, float_warmup):
+  """Whether the stage needs two optimizer groups: a float setting differs and the policy
+  quantizes something (in an FP32 stage everything trains at lr)."""
+  differs = (float_lr and float_lr != lr) or (float_warmup is not None and float_warmup != warmup)
+  return bool(differs) and any(q.bits < 32 for _, q in policy.rules)
+
+
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(model_config, policy, teacher_config, objective, lr, steps, warmup_steps,
-                        weight_decay, clip_norm, accum, field):
-  """(tx, schedule, step function); equal arguments give the same objects, so a stage run
+                        weight_decay, clip_norm, accum, field, float_lr=None,
+                        float_warmup_steps=None, grouped=False, warmin_steps=0):
+  """(tx, schedules, step function); equal arguments give the same objects, so a stage run
   again in this process (a retry, a notebook re-run, tests) reuses the compiled step."""
-  tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field)
+  tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field,
+                                float_lr=float_lr, float_warmup_steps=float_warmup_steps,
+                                labels=param_labels(policy) if grouped else None)
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum)
   teacher_model = BertModel(teacher_config) if teacher_config is not None else None
   loss_fn = make_loss_fn(BertModel(model_config, policy), teacher_model, objective,
                          model_config.is_regression)
-  return tx, schedule, make_train_step(loss_fn, tx)
+  return tx, schedule, make_train_step(loss_fn, tx, warmin_steps)
 
 
 def _fingerprint(settings, total, steps_per_epoch, objective):
   """Settings that fix the step sequence; a resumed stage should match its checkpoint's."""
   return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
               batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
-              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses))
+              float_lr=settings.float_lr, float_warmup=settings.float_warmup,
+              warmin=settings.warmin,
+              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses),
+              loss_weights=[list(w) for w in objective.weights], attn_loss=objective.attn_loss,
+              temperature=objective.temperature)
 
 
 def _check_fingerprint(name, field, fingerprint):
@@ -364,14 +429,21 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
                        f'batch ({settings.batch_size}); lower batch_size')
   total = (settings.max_steps if settings.max_steps > 0
            else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
-  warmup = settings.warmup * total if settings.warmup < 1 else settings.warmup * steps_per_epoch
+  to_steps = lambda w: w * total if w < 1 else w * steps_per_epoch
+  warmup = to_steps(settings.warmup)
+  float_warmup = None if settings.float_warmup is None else to_steps(settings.float_warmup)
   accum = settings.grad_accum_steps
   if accum < 1:
     raise BitbertError(f'{settings.field}.grad_accum_steps={accum}: must be >= 1')
+  grouped = _grouped(state.policy, settings.lr, settings.warmup, settings.float_lr,
+                     settings.float_warmup)
   tx, schedule, train_step = _optimizer_and_step(
       state.model_config, state.policy, teacher.config if teacher is not None else None,
       objective, settings.lr, max(total // accum, 1), int(warmup) // accum,
-      settings.weight_decay, settings.clip_norm, accum, settings.field)
+      settings.weight_decay, settings.clip_norm, accum, settings.field,
+      float_lr=settings.float_lr or None,
+      float_warmup_steps=None if float_warmup is None else int(float_warmup) // accum,
+      grouped=grouped, warmin_steps=settings.warmin * total if state.policy.enabled else 0)
 
   state = state.replace(step=jnp.zeros((), jnp.int32))
   teacher_model = BertModel(teacher.config) if teacher is not None else None
@@ -402,9 +474,9 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
   if settings.report_memory:
     report_step_memory(step_fn, state, batches, mesh, teacher_params, name)
 
-  abstract = ckpt_lib.abstract_like(
-      {'state': state, 'best_params': (state.params, state.model_state)},
-      {'state': shardings, 'best_params': (shardings.params, shardings.model_state)})
+  rep = sharding.replicated(mesh)
+  signs = signals_lib.SignTracker(state.policy, state.params, rep)
+  abstract = _checkpoint_target(state, shardings, signs, rep)
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'),
                                     settings.keep_checkpoints, settings.checkpoint_every_steps,
                                     settings.checkpoint_every_secs)
@@ -413,11 +485,24 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
     return _loop(state, name=name, settings=settings, batches=batches, mesh=mesh,
                  writer=writer, task=task, dev_sets=dev_sets, teacher_params=teacher_params,
                  step_fn=step_fn, schedule=schedule, ckpts=ckpts, total=total,
-                 steps_per_epoch=steps_per_epoch, fingerprint=fingerprint, abstract=abstract)
+                 steps_per_epoch=steps_per_epoch, fingerprint=fingerprint, abstract=abstract,
+                 signs=signs)
+
+
+def _checkpoint_target(state, shardings, signs, rep):
+  """meta -> the restore target; checkpoints written before the sign signals lack 'signs'."""
+  tree = {'state': state, 'best_params': (state.params, state.model_state)}
+  tree_sh = {'state': shardings, 'best_params': (shardings.params, shardings.model_state)}
+  if signs:
+    refs = signs.abstract(state.params)
+    with_signs = ckpt_lib.abstract_like(dict(tree, signs=refs),
+                                        dict(tree_sh, signs=jax.tree.map(lambda _: rep, refs)))
+  without = ckpt_lib.abstract_like(tree, tree_sh)
+  return lambda meta: with_signs if signs and meta.get('signs') else without
 
 
 def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teacher_params,
-          step_fn, schedule, ckpts, total, steps_per_epoch, fingerprint, abstract):
+          step_fn, schedule, ckpts, total, steps_per_epoch, fingerprint, abstract, signs):
   """Restores the newest checkpoint, then steps, logs, evaluates and checkpoints to `total`."""
   best = {'score': None, 'step': 0, 'evals': None}
   best_params, last_evals, nonfinite_skipped, start = None, None, 0, 0
@@ -426,6 +511,13 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   if restored is not None:
     tree, meta = restored
     state, best_params = tree['state'], tree['best_params']
+    if signs:
+      if 'signs' in tree:
+        signs.refs = tree['signs']
+      else:  # an older checkpoint: flips count from the resumed step
+        log.warning('[%s] checkpoint without sign references: sign flips count from step %d',
+                    name, int(meta['step']))
+        signs.reset(state.params)
     best = meta['best']
     best_params = best_params if best['evals'] is not None else None
     last_evals = meta.get('last_evals')
@@ -434,6 +526,8 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     log.info('[%s] resumed from step %d (checkpoint %s)', name, start,
              os.path.join(ckpts.directory, str(start)))
 
+  if signs and restored is None:
+    signs.reset(state.params)  # the stage's first step: the reference of signflip_stage
   writer.rewind(name, start)
   progress = logs.Progress(name, total, start, settings.batch_size)
   eval_every = settings.eval_every or steps_per_epoch
@@ -442,10 +536,11 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
 
   def save(step):
     meta = {'step': step, 'best': best, 'last_evals': last_evals,
-            'nonfinite_skipped': nonfinite_skipped, 'fingerprint': fingerprint}
+            'nonfinite_skipped': nonfinite_skipped, 'fingerprint': fingerprint,
+            'signs': bool(signs)}
     # Without a best yet, the current params fill the slot (same structure, never used).
-    ckpts.save(step, {'state': state, 'best_params': best_params or (state.params,
-                                                                     state.model_state)}, meta)
+    tree = {'state': state, 'best_params': best_params or (state.params, state.model_state)}
+    ckpts.save(step, dict(tree, signs=signs.refs) if signs else tree, meta)
 
   step = start
   while step < total:
@@ -459,9 +554,12 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
         nonfinite_skipped += 1
       if step % settings.log_every == 0 or step == total:
         m = {k: float(v) for k, v in m.items()}
-        m.update(lr=float(schedule((step - 1) // accum)), nonfinite_skipped=nonfinite_skipped)
+        m.update({k: float(f((step - 1) // accum)) for k, f in schedule.items()},
+                 nonfinite_skipped=nonfinite_skipped)
+        if signs:
+          m.update(signs.log(state.params))
         writer.write(name, step, m)
-        log.info(progress.line(step, {k: m[k] for k in m if k not in ('nonfinite',)}))
+        log.info(progress.line(step, _console(m)))
       if can_eval and (step % eval_every == 0 or step == total):
         evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
                          settings.batch_size, mesh)
@@ -488,6 +586,14 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     last_evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
                           settings.batch_size, mesh)
   return state, last_evals
+
+
+def _console(m):
+  """The progress line's metrics: summed terms (no per-layer ones) and the recent flip rate."""
+  shown = {k: v for k, v in m.items() if '/' not in k and k != 'nonfinite'}
+  if 'signflip_recent/all' in m:
+    shown['flips'] = m['signflip_recent/all']  # near 0: the binary weights have stopped moving
+  return shown
 
 
 def _nonfinite_error(name, step, m, ckpts, writer, settings):

@@ -146,6 +146,9 @@ def _check_optim(o):
   _check_number(o.warmup, 'config.optim.warmup', lo=0,
                 what=' (a fraction of the steps if < 1, else epochs)')
   _check_number(o.clip_norm, 'config.optim.clip_norm', lo=0, what=' (0: no clipping)')
+  _check_number(o.get('float_lr', 0.0), 'config.optim.float_lr', lo=0, what=' (0: lr)')
+  if o.get('float_warmup') is not None:
+    _check_number(o.float_warmup, 'config.optim.float_warmup', lo=0)
 
 
 def _check_train(t):
@@ -189,6 +192,9 @@ def _check_stage(config, name, before, data_parallel):
   if kind == 'task_kd':
     _check_choice(s.get('losses', 'all'), f'{field}.losses', LOSSES)
     _check_number(s.get('temperature', 1.0), f'{field}.temperature', positive=True)
+    for term in ('pred', 'attn', 'hidden'):
+      _check_number(s.get(f'{term}_weight', 1.0), f'{field}.{term}_weight', lo=0)
+    _check_choice(s.get('attn_loss', 'mse'), f'{field}.attn_loss', ('mse', 'kl'))
   if kind in ('task_kd', 'general_kd', 'reduce_layers'):
     _check_layer_list(s.get('layers') or [], f'{field}.layers')
   if kind in ('reduce_layers', 'init_student'):
@@ -214,6 +220,14 @@ def _check_training_stage(config, s, field, data_parallel):
                 what=' (the learning rate)')
   if own('warmup'):
     _check_number(s.warmup, f'{field}.warmup', lo=0)
+  warmin = s.warmin if own('warmin') else config.quant.get('warmin', 0.0)
+  if not _is_number(warmin) or not 0 <= warmin <= 1:
+    raise BitbertError(f'{field + ".warmin" if own("warmin") else "config.quant.warmin"}='
+                       f'{warmin!r}: need a fraction of the stage in [0, 1] (0: off)')
+  if own('float_lr'):
+    _check_number(s.float_lr, f'{field}.float_lr', lo=0, what=' (0: lr)')
+  if own('float_warmup'):
+    _check_number(s.float_warmup, f'{field}.float_warmup', lo=0)
   max_steps = s.get('max_steps', -1)
   if not _is_int(max_steps):
     raise BitbertError(f'{field}.max_steps={max_steps!r}: need an integer (<= 0: use epochs)')
@@ -252,11 +266,17 @@ def _check_bits(config, bits, field):
     raise BitbertError(f'config.quant.act_mode={q.act_mode!r}: valid: \'\' (the default for '
                        f'the bits), {", ".join(policy_lib.ACT_MODES)}')
   try:
-    policy_lib.policy_from_name(bits, weight_groups=q.weight_groups,
-                                ffn_output_bits=q.ffn_output_bits or None,
-                                act_mode=q.act_mode or None)
+    policy = policy_lib.policy_from_name(bits, weight_groups=q.weight_groups,
+                                         ffn_output_bits=q.ffn_output_bits or None,
+                                         act_mode=q.act_mode or None,
+                                         binary_mode=q.get('binary_mode', 'bwn'))
   except BitbertError as e:
     raise BitbertError(f'{field}={bits!r} (with config.quant): {e}') from None
+  centered = any(r.mode == 'centered' for _, r in policy.rules)
+  if centered and config.export.packed:
+    raise BitbertError(f'config.quant.binary_mode=\'centered\' ({field}={bits!r}) cannot be '
+                       'packed: the packed format stores sign bits and scales, not the group '
+                       'means; set config.export.packed=False (or binary_mode=\'bwn\')')
 
 
 def _check_export(e):

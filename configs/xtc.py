@@ -2,25 +2,63 @@
 
   python -m bitbert_jax.main --config=configs/xtc.py:task=mrpc,layers=3 --workdir=runs/xtc_mrpc
 Arguments: task, teacher ('' = fine-tune `pretrained` first), layers (student depth; 0 = the
-teacher's), bits (W-E-A), fp32_kd (run the FP32 polish stage), preset (smoke | quick | paper).
+teacher's), bits (W-E-A), fp32_kd (run the FP32 polish stage), preset (smoke | quick | paper),
+epochs (of the 1-bit KD, or of the whole ladder), ladder (precision ladder, e.g. '8-2-1':
+quantize_8/kd_8 -> quantize_2/kd_2 -> quantize_1/kd_1bit, each from the last; '' = off),
+ladder_epochs (epochs per rung, e.g. '2-4-12'; '' = `epochs` split evenly), augment (TinyBERT
+data augmentation before the KD stages, which then train on it).
 """
 from bitbert_jax import config_lib
+from bitbert_jax.errors import BitbertError
+
+
+def _rungs(args, total_epochs):
+  """[(weight bits, W-E-A bits, epochs)] of the ladder; the last rung is `bits` itself."""
+  widths = [int(b) for b in args.ladder.split('-')]
+  act = args.bits.split('-')[-1]
+  if widths[-1] != int(args.bits.split('-')[0]):
+    raise BitbertError(f'config argument ladder={args.ladder!r}: the last rung must be the '
+                       f'weight bits of bits={args.bits!r}')
+  epochs = ([float(e) for e in args.ladder_epochs.split('-')] if args.ladder_epochs
+            else [total_epochs / len(widths)] * len(widths))
+  if len(epochs) != len(widths):
+    raise BitbertError(f'config argument ladder_epochs={args.ladder_epochs!r}: one number per '
+                       f'rung of ladder={args.ladder!r}')
+  bits = [f'{w}-{w}-{act}' for w in widths[:-1]] + [args.bits]
+  return list(zip(widths, bits, epochs))
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
-                              layers=0, bits='1-1-8', fp32_kd=False, epochs=18.0)
+                              layers=0, bits='1-1-8', fp32_kd=False, epochs=18.0, ladder='',
+                              ladder_epochs='', augment=False)
   c = config_lib.base_config(args)
   c.optim.lr = 5e-5
+  data = 'augmented' if args.augment else 'task'
   c.stages.finetune = config_lib.stage('finetune', epochs=3.0)
   c.stages.reduce = config_lib.stage('reduce_layers', num_layers=args.layers)
-  c.stages.kd_fp32 = config_lib.stage('task_kd', losses='all', epochs=3.0)
+  if args.augment:
+    c.stages.augment = config_lib.stage('augment', copies=20, probability=0.4, candidates=15,
+                                        glove='')
+  c.stages.kd_fp32 = config_lib.stage('task_kd', losses='all', epochs=3.0, data=data)
   c.stages.quantize = config_lib.stage('quantize', bits=args.bits)
-  c.stages.kd_1bit = config_lib.stage('task_kd', losses='all', epochs=args.epochs, warmup=1.0)
-  names = ['finetune', 'reduce'] + (['kd_fp32'] if args.fp32_kd else []) + ['quantize', 'kd_1bit']
+  c.stages.kd_1bit = config_lib.stage('task_kd', losses='all', epochs=args.epochs, warmup=1.0,
+                                      data=data)
+  quantized = ['quantize', 'kd_1bit']
+  if args.ladder:
+    quantized = []
+    total = 3.0 if args.preset == 'quick' else args.epochs  # as the 1-bit stage alone
+    for width, bits, epochs in _rungs(args, total):
+      kd = 'kd_1bit' if width == 1 else f'kd_{width}'
+      c.stages[f'quantize_{width}'] = config_lib.stage('quantize', bits=bits)
+      c.stages[kd] = config_lib.stage('task_kd', losses='all', epochs=epochs, warmup=1.0,
+                                      data=data)
+      quantized += [f'quantize_{width}', kd]
+  names = (['finetune', 'reduce'] + (['augment'] if args.augment else []) +
+           (['kd_fp32'] if args.fp32_kd else []) + quantized)
   c.pipeline = ','.join(names)
   config_lib.apply_preset(c, args.preset)
-  if args.preset == 'quick':
+  if args.preset == 'quick' and not args.ladder:
     c.stages.kd_1bit.epochs = 3.0
   config_lib.smoke_epochs(c, args.preset, names, {})
   return c

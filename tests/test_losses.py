@@ -60,3 +60,27 @@ def test_label_loss(regression):
     lp = jax.nn.log_softmax(logits)
     np.testing.assert_allclose(losses.label_loss(logits, labels, jnp.ones(2), False),
                                -(lp[0, 0] + lp[1, 1]) / 2, rtol=1e-6)
+
+
+def test_attention_kl_matches_a_hand_computation():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(2, 2, 4, 4)), rng.normal(size=(2, 2, 4, 4))
+  mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+  w = np.array([1.0, 1.0])
+  per_example = []
+  for b in range(2):
+    n = int(mask[b].sum())
+    kls = []
+    for h in range(2):
+      for q in range(n):
+        pt = np.exp(t[b, h, q, :n]) / np.exp(t[b, h, q, :n]).sum()
+        ps = np.exp(s[b, h, q, :n]) / np.exp(s[b, h, q, :n]).sum()
+        kls.append(np.sum(pt * np.log(pt / ps)))
+    per_example.append(np.mean(kls))
+  got = losses.attention_kl(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask), jnp.asarray(w))
+  np.testing.assert_allclose(got, np.mean(per_example), rtol=1e-5)
+  assert float(losses.attention_kl(jnp.asarray(t), jnp.asarray(t), jnp.asarray(mask),
+                                   jnp.asarray(w))) == pytest.approx(0.0, abs=1e-6)
+  grad = jax.grad(lambda x: losses.attention_kl(x, jnp.asarray(t), jnp.asarray(mask),
+                                                jnp.asarray(w)))(jnp.asarray(s))
+  assert np.all(np.isfinite(grad)) and float(jnp.abs(grad[1, :, :, 2:]).max()) == 0.0

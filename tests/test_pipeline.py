@@ -155,3 +155,21 @@ def test_multistage_runs_the_whole_left_pipeline(tmp_path, tiny_pretrained, glue
   kernel = final.params['encoder']['layer_0']['attention']['query']['kernel']
   assert kernel.shape == (2, 32, 32)  # two binary planes per split weight
   assert 'hidden_proj' not in final.params
+
+
+def test_kd_logs_signals_both_lrs_and_per_layer_terms(xtc_run):
+  _, workdir, _ = xtc_run
+  rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  kd = [r for r in rows if r['stage'] == 'kd_1bit' and 'loss' in r]
+  for r in kd:
+    for g in ('embeddings', 'attention', 'ffn', 'all'):
+      for k in ('signflip_stage', 'signflip_recent', 'quant_relerr'):
+        assert 0.0 <= r[f'{k}/{g}'] <= (1.0 if k != 'quant_relerr' else 2.0), (k, g)
+    assert r['lr_float'] == r['lr']  # one group by default
+    assert r['attn/0'] == pytest.approx(r['attn'], rel=1e-6)  # 1 student layer
+    assert r['hidden/0'] + r['hidden/1'] == pytest.approx(r['hidden'], rel=1e-6)
+    assert r['loss'] == pytest.approx(r['pred'] + r['attn'] + r['hidden'], rel=1e-5)
+  assert kd[0]['signflip_stage/all'] == kd[0]['signflip_recent/all']
+  assert kd[-1]['signflip_stage/all'] >= kd[-1]['signflip_recent/all']
+  fin = [r for r in rows if r['stage'] == 'finetune' and 'loss' in r]
+  assert fin and not any(k.startswith('signflip') for k in fin[0])  # FP32: nothing to track

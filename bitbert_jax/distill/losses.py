@@ -46,6 +46,23 @@ def attention_mse(student_scores, teacher_scores, mask, w):
   return _weighted_mean(per_example, w)
 
 
+def attention_kl(student_scores, teacher_scores, mask, w):
+  """KL(softmax(teacher) || softmax(student)) over the real keys of pre-softmax scores
+  [B, N, S, S], averaged over heads and real query positions."""
+  # The model's own key mask (a finite minimum, not -inf: no NaN in the masked gradient).
+  key_bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+  t = jax.nn.log_softmax(teacher_scores.astype(jnp.float32) + key_bias, axis=-1)
+  s = jax.nn.log_softmax(student_scores.astype(jnp.float32) + key_bias, axis=-1)
+  real_key = mask[:, None, None, :] > 0
+  kl = jnp.sum(jnp.where(real_key, jnp.exp(t) * (t - s), 0.0), axis=-1)  # [B, N, S]
+  queries = mask[:, None, :].astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(queries, axis=-1) * kl.shape[1], 1.0)[:, 0]  # heads x real queries
+  return _weighted_mean(jnp.sum(kl * queries, axis=(1, 2)) / n, w)
+
+
+ATTENTION_LOSSES = {'mse': attention_mse, 'kl': attention_kl}
+
+
 def hidden_mse(student_hidden, teacher_hidden, w, projection=None):
   """MSE of hidden states [B, S, H]; `projection` maps a narrower student to the teacher width."""
   s = student_hidden.astype(jnp.float32)

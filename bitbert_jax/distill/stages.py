@@ -46,6 +46,9 @@ def settings(ctx):
   return train_lib.Settings(
       lr=get('lr', c.optim.lr), epochs=get('epochs', 1.0),
       batch_size=get('batch_size', c.train.batch_size), warmup=get('warmup', c.optim.warmup),
+      float_lr=get('float_lr', c.optim.get('float_lr', 0.0)),
+      float_warmup=get('float_warmup', c.optim.get('float_warmup')),
+      warmin=get('warmin', c.quant.get('warmin', 0.0)),
       weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
       max_steps=get('max_steps', -1), log_every=c.train.log_every,
       eval_every=get('eval_every', c.train.eval_every), keep_best=get('keep_best', True),
@@ -192,9 +195,11 @@ def task_kd(state, ctx):
   if which not in LOSS_SETS or which == 'label':
     raise BitbertError(f'config.stages.{ctx.name}.losses={which!r}; valid: stage1, stage2, all')
   state = attach_head(state, ctx.task, ctx.config.seed)
+  st = ctx.stage
+  weights = tuple((k, float(st.get(f'{k}_weight', 1.0))) for k in ('pred', 'attn', 'hidden'))
   objective = train_lib.Objective(LOSS_SETS[which],
                                   _layer_map(ctx, state.model_config, ctx.teacher.config),
-                                  ctx.stage.get('temperature', 1.0))
+                                  st.get('temperature', 1.0), weights, st.get('attn_loss', 'mse'))
   if 'hidden' in objective.losses:
     state = _with_projection(state, ctx.teacher.config, ctx.config.seed)
   if which == 'stage1' and ctx.stage.get('keep_best') is None:
@@ -208,7 +213,8 @@ def quantize(state, ctx):
   q = ctx.config.quant
   policy = policy_from_name(ctx.stage.bits, weight_groups=q.weight_groups,
                             ffn_output_bits=q.ffn_output_bits or None,
-                            act_mode=q.act_mode or None)
+                            act_mode=q.act_mode or None,
+                            binary_mode=q.get('binary_mode', 'bwn'))
   return with_policy(state, policy, ctx.data.sample_batch() if ctx.data else None)
 
 

@@ -49,11 +49,11 @@ class BertEmbeddings(nn.Module):
   policy: QuantPolicy
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic):
+  def __call__(self, input_ids, token_type_ids, deterministic, quant_mix=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     positions = jnp.arange(input_ids.shape[-1])[None, :]
     words = QEmbed(cfg.vocab_size, cfg.hidden_size, self.policy, dtype=jnp.float32,
-                   name='word_embeddings')(input_ids)
+                   name='word_embeddings')(input_ids, quant_mix)
     init = nn.with_logical_partitioning(default_init, (None, 'embed'))
     pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                    name='position_embeddings')(positions)
@@ -69,14 +69,14 @@ class BertAttention(nn.Module):
   policy: QuantPolicy
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, quant_mix=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     b, s, _ = x.shape
     dense = lambda name, axes: QDense(cfg.hidden_size, self.policy, axes, dtype, name=name)
     split_heads = lambda t: t.reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-    q = split_heads(dense('query', ('embed', 'heads'))(x))
-    k = split_heads(dense('key', ('embed', 'heads'))(x))
-    v = split_heads(dense('value', ('embed', 'heads'))(x))
+    q = split_heads(dense('query', ('embed', 'heads'))(x, quant_mix))
+    k = split_heads(dense('key', ('embed', 'heads'))(x, quant_mix))
+    v = split_heads(dense('value', ('embed', 'heads'))(x, quant_mix))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(
         jnp.float32(cfg.head_dim))
     # Padding keys get the most negative float, as Hugging Face does, so probabilities match.
@@ -84,7 +84,7 @@ class BertAttention(nn.Module):
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(dtype), v).reshape(b, s, -1)
-    out = dense('output', ('heads', 'embed'))(context)
+    out = dense('output', ('heads', 'embed'))(context, quant_mix)
     out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
     out = _layer_norm(cfg, 'LayerNorm')(out + x)
     return out.astype(dtype), scores
@@ -95,12 +95,14 @@ class BertLayer(nn.Module):
   policy: QuantPolicy
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, quant_mix=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    x, scores = BertAttention(cfg, self.policy, name='attention')(x, mask, deterministic)
-    h = QDense(cfg.intermediate_size, self.policy, ('embed', 'mlp'), dtype, name='intermediate')(x)
+    x, scores = BertAttention(cfg, self.policy, name='attention')(x, mask, deterministic,
+                                                                  quant_mix)
+    h = QDense(cfg.intermediate_size, self.policy, ('embed', 'mlp'), dtype,
+               name='intermediate')(x, quant_mix)
     h = _activation(cfg.hidden_act)(h)
-    h = QDense(cfg.hidden_size, self.policy, ('mlp', 'embed'), dtype, name='output')(h)
+    h = QDense(cfg.hidden_size, self.policy, ('mlp', 'embed'), dtype, name='output')(h, quant_mix)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(cfg, 'output_LayerNorm')(h + x).astype(dtype), scores
 
@@ -110,12 +112,13 @@ class BertEncoder(nn.Module):
   policy: QuantPolicy
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, quant_mix=None):
     cfg = self.config
     layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if cfg.remat else BertLayer
     hidden_states, attention_scores = [x], []
     for i in range(cfg.num_hidden_layers):
-      x, scores = layer_cls(cfg, self.policy, name=f'layer_{i}')(x, mask, deterministic)
+      x, scores = layer_cls(cfg, self.policy, name=f'layer_{i}')(x, mask, deterministic,
+                                                                 quant_mix)
       hidden_states.append(x)
       attention_scores.append(scores)
     return tuple(hidden_states), tuple(attention_scores)
@@ -125,32 +128,35 @@ class BertModel(nn.Module):
   """BERT encoder, pooler and (when config.num_labels > 0) a classification/regression head.
 
   __call__(input_ids [B,S] int, attention_mask [B,S] (1 = token, 0 = padding),
-           token_type_ids [B,S] or None, deterministic) -> BertOutput
+           token_type_ids [B,S] or None, deterministic, quant_mix) -> BertOutput
+  quant_mix: None (quantized as the policy says; evaluation), or the warm-in lambda, a traced
+  scalar: quantized weights and activations are lambda * Q(.) + (1 - lambda) * (.).
   """
   config: BertConfig
   policy: QuantPolicy = QuantPolicy()
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
+               quant_mix=None):
     cfg = self.config
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = BertEmbeddings(cfg, self.policy, name='embeddings')(input_ids, token_type_ids,
-                                                           deterministic)
+                                                           deterministic, quant_mix)
     hidden_states, attention_scores = BertEncoder(cfg, self.policy, name='encoder')(
-        x, attention_mask, deterministic)
+        x, attention_mask, deterministic, quant_mix)
     x = hidden_states[-1]
     pooled = QDense(cfg.hidden_size, self.policy, ('embed', None), jnp.dtype(cfg.dtype),
-                    name='pooler')(x[:, 0])
+                    name='pooler')(x[:, 0], quant_mix)
     pooled = jnp.tanh(pooled)
     logits = None
     if cfg.num_labels:
       rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
       h = nn.Dropout(rate)(pooled, deterministic=deterministic)
       logits = QDense(cfg.num_labels, self.policy, ('embed', None), jnp.float32,
-                      name='classifier')(h).astype(jnp.float32)
+                      name='classifier')(h, quant_mix).astype(jnp.float32)
     return BertOutput(last_hidden_state=x, pooled_output=pooled, hidden_states=hidden_states,
                       attention_scores=attention_scores, logits=logits)
 

@@ -19,6 +19,7 @@ from bitbert_jax.quant import packed_layers
 from bitbert_jax.quant import packing
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.quant.quantizers import activation_codes
+from bitbert_jax.quant.quantizers import centered_binary_codes
 from bitbert_jax.quant.quantizers import from_codes
 from bitbert_jax.quant.quantizers import quantize_weight
 from bitbert_jax.quant.quantizers import weight_codes
@@ -46,9 +47,9 @@ def quantized_value(policy, path, latent, rows):
     return latent
   groups = _groups(quant, rows)
   if policy.is_split(path):
-    return quantize_weight(latent[0], quant.bits, groups) + quantize_weight(
-        latent[1], quant.bits, groups)
-  return quantize_weight(latent, quant.bits, groups)
+    return quantize_weight(latent[0], quant.bits, groups, quant.mode) + quantize_weight(
+        latent[1], quant.bits, groups, quant.mode)
+  return quantize_weight(latent, quant.bits, groups, quant.mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class QuantizedPlanes:
   bits: int
   groups: int
   transposed: bool
+  offsets: jax.Array | None = None  # [P, G] group means of centred binarization, else None
 
   @property
   def rows(self):
@@ -81,13 +83,22 @@ class QuantizedPlanes:
 
   def element_scales(self):
     """The scales broadcastable to `codes` ([P, 1, 1], a row axis, or one per element)."""
+    return self._per_element(self.scales)
+
+  def _per_element(self, per_group):
+    """[P, G] per-group values broadcastable to `codes`."""
     if self.groups == 1:
-      return self.scales[:, :, None]
-    per_row = self.row_scales()
+      return per_group[:, :, None]
+    per_row = packing.row_scales(per_group, self.groups, self.rows, self.cols)
     if per_row is not None:
       return per_row[:, None, :] if self.transposed else per_row[:, :, None]
-    per = packing.element_scales(self.scales, self.groups, self.rows, self.cols)
+    per = packing.element_scales(per_group, self.groups, self.rows, self.cols)
     return jnp.swapaxes(per, -1, -2) if self.transposed else per
+
+  def plane_values(self):
+    """float32 [P, a, b]: each plane's quantized value (codes * scale [+ offset])."""
+    value = self.codes * self.element_scales()
+    return value if self.offsets is None else value + self._per_element(self.offsets)
 
   def output_major_codes(self):
     """codes as [P, rows, cols] (the packed layout)."""
@@ -96,7 +107,10 @@ class QuantizedPlanes:
   def value(self):
     """The quantized weight in the latent's layout: planes added in order, bit for bit
     `quantized_value`'s. Straight-through gradient to the codes (`quantizers.from_codes`)."""
-    return from_codes(self.codes, self.element_scales())
+    value = from_codes(self.codes, self.element_scales())
+    if self.offsets is None:
+      return value
+    return value + jax.lax.stop_gradient(jnp.sum(self._per_element(self.offsets), axis=0))
 
 
 def _planes(policy, path, latent, rows, transposed):
@@ -111,12 +125,17 @@ def _planes(policy, path, latent, rows, transposed):
   # within an ulp of a ternary threshold lands on the side this layout decides: everything that
   # needs the layer's quantized weight (splitting, packing) calls this function.
   flip = transposed and groups != 1
-  codes, scales = [], []
+  codes, scales, offsets = [], [], []
   for plane in planes:
-    c, s = weight_codes(plane.T if flip else plane, quant.bits, groups)
+    if quant.mode == 'centered':
+      c, s, o = centered_binary_codes(plane.T if flip else plane, groups)
+      offsets.append(o)
+    else:
+      c, s = weight_codes(plane.T if flip else plane, quant.bits, groups)
     codes.append(c.T if flip else c)
     scales.append(s)
-  return QuantizedPlanes(jnp.stack(codes), jnp.stack(scales), quant.bits, groups, transposed)
+  return QuantizedPlanes(jnp.stack(codes), jnp.stack(scales), quant.bits, groups, transposed,
+                         jnp.stack(offsets) if offsets else None)
 
 
 def quantized_kernel_planes(policy, path, kernel, features):
@@ -158,7 +177,9 @@ class QDense(nn.Module):
   nonnegative_input: bool = False  # inputs >= 0 (e.g. after ReLU): unsigned lsq/elastic forms
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, quant_mix=None):
+    """quant_mix: None (quantized as the policy says), or a traced scalar lambda in [0, 1] of the
+    quantization warm-in: weights and inputs lambda * Q(.) + (1 - lambda) * (.)."""
     path = param_path(self, 'kernel')
     if self.policy.packed and self.policy.weight_quant(path) is not None:
       return packed_layers.packed_dense(self, x)
@@ -168,16 +189,22 @@ class QDense(nn.Module):
     kernel = self.param('kernel', kernel_init, lead + (x.shape[-1], self.features), jnp.float32)
     act = self.policy.input_quant(path)
     planes = quantized_kernel_planes(self.policy, path, kernel, self.features)
-    row_scales = None if planes is None else planes.row_scales()
-    if planes is not None and grid.applies(planes.bits, act, row_scales):
-      x_codes, x_scale = activation_codes(x, act.bits)
-      y = grid.dense(x_codes, x_scale, planes.codes, row_scales, act.bits, planes.bits,
-                     self.dtype).astype(self.dtype)
-    else:
-      if planes is not None:
-        kernel = planes.value()
+    row_scales = None if planes is None or planes.offsets is not None else planes.row_scales()
+    on_grid = planes is not None and grid.applies(planes.bits, act, row_scales)
+
+    def quantized(x):
+      if on_grid:
+        x_codes, x_scale = activation_codes(x, act.bits)
+        return grid.dense(x_codes, x_scale, planes.codes, row_scales, act.bits, planes.bits,
+                          self.dtype).astype(self.dtype)
+      w = kernel if planes is None else planes.value()
       x = activations.quantize_input(self, x, act, self.nonnegative_input)
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      return jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
+
+    if quant_mix is None or (planes is None and act is None):
+      y = quantized(x)
+    else:
+      y = self._warm_in(x, kernel, planes, act, quant_mix, quantized, on_grid, split)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                             lead_axes + self.axes[1:]),
@@ -186,6 +213,18 @@ class QDense(nn.Module):
         bias = bias.sum(0)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _warm_in(self, x, kernel, planes, act, mix, quantized, on_grid, split):
+    # Exact at both ends: lambda = 0 is the float layer, lambda = 1 the quantized one (on the
+    # integer grid too, via cond); the latent weights get the straight-through gradient.
+    latent = kernel.sum(0) if split else kernel
+    w = latent if planes is None else mix * planes.value() + (1 - mix) * latent
+    xq = activations.quantize_input(self, x, act, self.nonnegative_input)
+    mixed = lambda x: jnp.dot((mix * xq + (1 - mix) * x).astype(self.dtype),
+                              w.astype(self.dtype))
+    if not on_grid:
+      return mixed(x)
+    return jax.lax.cond(mix >= 1, quantized, mixed, x)
 
 
 class QEmbed(nn.Module):
@@ -197,7 +236,7 @@ class QEmbed(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids):
+  def __call__(self, ids, quant_mix=None):
     path = param_path(self, 'embedding')
     if self.policy.packed and self.policy.weight_quant(path) is not None:
       return packed_layers.packed_embed(self, ids)
@@ -207,5 +246,8 @@ class QEmbed(nn.Module):
                        jnp.float32)
     planes = quantized_embedding_planes(self.policy, path, table)
     if planes is not None:
+      latent = table.sum(0) if self.policy.is_split(path) else table
       table = planes.value()
+      if quant_mix is not None:  # warm-in, as QDense
+        table = quant_mix * table + (1 - quant_mix) * latent
     return jnp.take(table, ids, axis=0).astype(self.dtype)

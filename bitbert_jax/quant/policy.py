@@ -25,6 +25,7 @@ WORD_EMBEDDINGS = r'embeddings/word_embeddings/embedding'
 WEIGHT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 ACT_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 32)
 ACT_MODES = ('dynamic', 'static', 'lsq', 'elastic')
+BINARY_MODES = ('bwn', 'centered')
 NAMED = ('32-32-32', '8-8-8', '2-2-8', '1-1-8', '1-1-4', '1-1-2', '1-1-1')
 
 
@@ -47,14 +48,20 @@ def _check_groups(num_groups, field):
 class WeightQuant:
   """How one weight is quantized. num_groups: an int, or 'row' (one scale per output row).
 
-  bits: 1 binary, 2 ternary, 3-8 symmetric uniform, 32 float.
+  bits: 1 binary, 2 ternary, 3-8 symmetric uniform, 32 float. mode (1-bit only): 'bwn'
+  (alpha * sign(w)) or 'centered' (BiT: alpha * sign(w - mean) + mean, per group).
   """
   bits: int
   num_groups: int | str = 1
+  mode: str = 'bwn'
 
   def __post_init__(self):
     if self.bits not in WEIGHT_BITS or isinstance(self.bits, bool):
       raise BitbertError(f'weight bits {self.bits!r} not supported; valid: {_choices(WEIGHT_BITS)}')
+    if self.mode not in BINARY_MODES:
+      raise BitbertError(f'binary_mode {self.mode!r} unknown; valid: {_choices(BINARY_MODES)}')
+    if self.mode != 'bwn' and self.bits != 1:
+      raise BitbertError(f'binary_mode {self.mode!r} is for 1-bit weights, not {self.bits}-bit')
     object.__setattr__(self, 'num_groups', _check_groups(self.num_groups, 'num_groups'))
 
 
@@ -183,7 +190,8 @@ def _parse_bits(name):
   return w, e, a
 
 
-def policy_from_name(name, weight_groups=1, ffn_output_bits=None, act_mode=None, split=False):
+def policy_from_name(name, weight_groups=1, ffn_output_bits=None, act_mode=None, split=False,
+                     binary_mode='bwn'):
   """Builds the reference policy for a W-E-A name such as '1-1-8'.
 
   weight_groups: scales per linear weight (int, or 'row'); word embeddings always get one per row.
@@ -191,6 +199,7 @@ def policy_from_name(name, weight_groups=1, ffn_output_bits=None, act_mode=None,
     32 keeps that weight float (its input is still quantized at A bits).
   act_mode: 'dynamic' (default for A >= 2), 'static' (EMA ranges), 'lsq', or 'elastic'
     (the only choice, and the default, for A = 1).
+  binary_mode: 'bwn' or 'centered', for every 1-bit rule (see WeightQuant).
   '32-32-32' gives QuantPolicy(): no rules, nothing quantized.
   """
   w, e, a = _parse_bits(name)
@@ -211,4 +220,7 @@ def policy_from_name(name, weight_groups=1, ffn_output_bits=None, act_mode=None,
     rules.append((FFN_OUTPUT_KERNELS, WeightQuant(ffn_output_bits, weight_groups)))
   if w < 32 or a < 32:
     rules.append((LINEAR_KERNELS, WeightQuant(w, weight_groups)))
+  if binary_mode not in BINARY_MODES:
+    raise BitbertError(f'binary_mode {binary_mode!r} unknown; valid: {_choices(BINARY_MODES)}')
+  rules = [(p, dataclasses.replace(q, mode=binary_mode) if q.bits == 1 else q) for p, q in rules]
   return QuantPolicy(weight_bits=w, embed_bits=e, act=act, rules=tuple(rules), split=split)

@@ -128,6 +128,13 @@ def _binary_codes(x, num_groups):
   return sign(g), alpha, None
 
 
+def _centered_codes(x, num_groups):
+  """BiT's centred binary codes: sign(x - mu), alpha = mean|x - mu|, mu = mean(x) per group."""
+  g = _grouped(x, num_groups)
+  d = g - _mean(g)
+  return sign(d), _mean(jnp.abs(d)), None
+
+
 def _ternary_codes(x, num_groups):
   g = _grouped(x, num_groups)
   absg = jnp.abs(g)
@@ -165,6 +172,12 @@ def _as_value(codes_fn):
 
 
 _binary_value = _as_value(_binary_codes)
+
+
+def _centered_value(x, num_groups):
+  codes, alpha, _ = _centered_codes(x, num_groups)
+  value = codes * alpha + _mean(_grouped(x, num_groups))
+  return value.reshape(x.shape).astype(x.dtype), None
 _ternary_value = _as_value(_ternary_codes)
 _symmetric_value = _as_value(_symmetric_codes)
 
@@ -191,6 +204,7 @@ def _symmetric_clip_value(x, clip, bits):
 
 # Jitted so that eager calls compile once per shape instead of dispatching op by op.
 _binary = jax.jit(_straight_through(_binary_value, 1), static_argnums=(1,))
+_centered = jax.jit(_straight_through(_centered_value, 1), static_argnums=(1,))
 _ternary = jax.jit(_straight_through(_ternary_value, 1), static_argnums=(1,))
 _symmetric = jax.jit(_straight_through(_symmetric_value, 3), static_argnums=(1, 2, 3))
 _asymmetric = jax.jit(_straight_through(_asymmetric_value, 3), static_argnums=(1, 2, 3))
@@ -199,6 +213,12 @@ _asymmetric = jax.jit(_straight_through(_asymmetric_value, 3), static_argnums=(1
 def binary(x, num_groups=1):
   """BWN: alpha * sign(x), alpha = mean|x| per group. Gradient: identity."""
   return _binary(x, _check_groups(x.shape, num_groups))
+
+
+def centered_binary(x, num_groups=1):
+  """BiT's mean-centred binarization: alpha * sign(x - mu) + mu, mu = mean(x), alpha =
+  mean|x - mu| per group (sign(0) = +1). Gradient: identity."""
+  return _centered(x, _check_groups(x.shape, num_groups))
 
 
 def ternary(x, num_groups=1):
@@ -356,13 +376,14 @@ def elastic_binary(x, alpha, beta, signed=True):
                       bool(signed))
 
 
-def quantize_weight(w, bits, num_groups=1):
-  """Dispatch on bits: 1 -> binary, 2 -> ternary, 3..8 -> symmetric (reference), 32 -> unchanged."""
+def quantize_weight(w, bits, num_groups=1, mode='bwn'):
+  """Dispatch on bits: 1 -> binary (mode 'bwn', or 'centered': `centered_binary`), 2 -> ternary,
+  3..8 -> symmetric (reference), 32 -> unchanged."""
   if bits >= 32:
     return w
   _check_bits(bits, (1, 2) + UNIFORM_BITS, 'quantize_weight')
   if bits == 1:
-    return binary(w, num_groups)
+    return centered_binary(w, num_groups) if mode == 'centered' else binary(w, num_groups)
   if bits == 2:
     return ternary(w, num_groups)
   return symmetric(w, bits, num_groups)
@@ -420,6 +441,7 @@ def _codes_straight_through(codes_fn, num_static):
 
 _binary_codes_ste = jax.jit(_codes_straight_through(_binary_codes, 1), static_argnums=(1,))
 _ternary_codes_ste = jax.jit(_codes_straight_through(_ternary_codes, 1), static_argnums=(1,))
+_centered_codes_ste = jax.jit(_codes_straight_through(_centered_codes, 1), static_argnums=(1,))
 _symmetric_codes_ste = jax.jit(_codes_straight_through(_symmetric_codes, 3),
                                static_argnums=(1, 2, 3))
 
@@ -443,6 +465,19 @@ def weight_codes(w, bits, num_groups=1):
   if bits == 2:
     return _ternary_codes_ste(w, num_groups)
   return _symmetric_codes_ste(w, bits, num_groups, True)
+
+
+def centered_binary_codes(w, num_groups=1):
+  """`centered_binary` as (codes, scales, offsets): codes +-1 in w's shape and dtype, scales
+  (alpha) and offsets (mu) float32 [num_groups]; value = codes * alpha + mu per group.
+  Gradient: straight-through to the codes (as `weight_codes`); none to scales or offsets."""
+  num_groups = _check_groups(w.shape, num_groups)
+  codes, scales = _centered_codes_ste(w, num_groups)
+  offsets = jax.lax.stop_gradient(_jit_mean(w, num_groups).reshape(-1))
+  return codes, scales, offsets
+
+
+_jit_mean = jax.jit(lambda w, n: _mean(_grouped(w, n)), static_argnums=(1,))
 
 
 def activation_codes(x, bits):

@@ -1,0 +1,51 @@
+"""eval_every (steps, across epoch boundaries) with keep_best: the stage returns the parameters
+of its best evaluation, not the first or the last; the XTC ladder and augment pipelines."""
+import jax
+import numpy as np
+import pytest
+
+from bitbert_jax import train, validate
+from test_checkpoint import Batches, assert_trees_equal, tiny_train
+from test_pipeline import load_config
+
+SCORES = {4: 0.2, 8: 0.3, 12: 0.9, 16: 0.5, 20: 0.7, 24: 0.4}  # step -> dev score; best at 12
+
+
+def _scored(batches, seen):
+  def evaluate(model, params, *args):
+    del model, args
+    seen[batches.step] = jax.device_get(params)
+    score = SCORES[batches.step]
+    return {'validation': {'accuracy': score}, 'score': score}
+  return evaluate
+
+
+@pytest.mark.parametrize('keep_best', [True, False])
+def test_best_of_several_evaluations_is_kept(tmp_path, monkeypatch, keep_best):
+  batches, seen = Batches(), {}
+  monkeypatch.setattr(train, 'evaluate', _scored(batches, seen))
+  # 6 steps per epoch, 4 epochs, an evaluation every 4 steps: 6 of them, 4 inside epochs.
+  state, evals = tiny_train(str(tmp_path), batches, epochs=4.0, eval_every=4,
+                            keep_best=keep_best)
+  assert sorted(seen) == sorted(SCORES)
+  kept = 12 if keep_best else 24
+  assert evals['score'] == SCORES[kept]
+  assert_trees_equal(state.params, seen[kept])
+
+
+def test_xtc_ladder_and_augment_pipelines_validate():
+  c = load_config('xtc', 'preset=smoke,ladder=8-2-1,augment=True')
+  assert c.pipeline == ('finetune,reduce,augment,quantize_8,kd_8,quantize_2,kd_2,quantize_1,'
+                        'kd_1bit')
+  assert [c.stages[n].bits for n in ('quantize_8', 'quantize_2', 'quantize_1')] == [
+      '8-8-8', '2-2-8', '1-1-8']
+  assert all(c.stages[n].data == 'augmented' for n in ('kd_8', 'kd_2', 'kd_1bit'))
+  c.task.glue_dir = 'sample'
+  stages = validate.validate_config(c)
+  assert stages[-1] == 'kd_1bit'
+  c = load_config('xtc', 'ladder=8-2-1,ladder_epochs=2-4-12')
+  assert [c.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [2.0, 4.0, 12.0]
+  assert load_config('xtc', 'ladder=4-2-1').stages.kd_4.epochs == 6.0  # epochs split evenly
+  default = load_config('xtc', '')
+  assert default.pipeline == 'finetune,reduce,quantize,kd_1bit'
+  assert default.stages.kd_1bit.data == 'task' and 'augment' not in default.stages

@@ -1,0 +1,60 @@
+"""The objective: loss weights scale the terms, KL attention and temperature reach the loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitbert_jax import train
+from bitbert_jax.distill import layer_map, losses
+from bitbert_jax.model import BertConfig, BertModel, init_params
+
+CFG = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _batch():
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(4, 64, (3, 8)), jnp.int32)
+  mask = jnp.asarray(np.arange(8)[None] < np.array([[8], [6], [5]]), jnp.int32)
+  return dict(input_ids=ids, attention_mask=mask, token_type_ids=jnp.zeros_like(ids),
+              weights=jnp.ones(3), labels=jnp.zeros(3, jnp.int32))
+
+
+def _loss(**objective):
+  student, teacher = init_params(CFG, rng=jax.random.PRNGKey(1)), init_params(CFG)
+  obj = train.Objective(('pred', 'attn', 'hidden'), layer_map.uniform(2, 2), **objective)
+  fn = train.make_loss_fn(BertModel(CFG), BertModel(CFG), obj, False)
+  loss, (terms, _) = fn(student, {}, {}, _batch(), teacher, jax.random.PRNGKey(0))
+  return float(loss), {k: float(v) for k, v in terms.items()}
+
+
+def test_weights_scale_the_terms_and_per_layer_parts_sum_to_them():
+  loss, terms = _loss()
+  assert loss == pytest.approx(terms['pred'] + terms['attn'] + terms['hidden'], rel=1e-6)
+  assert terms['attn/0'] + terms['attn/1'] == pytest.approx(terms['attn'], rel=1e-6)
+  assert sum(terms[f'hidden/{i}'] for i in range(3)) == pytest.approx(terms['hidden'], rel=1e-6)
+  weighted, same = _loss(weights=(('pred', 2.0), ('attn', 0.5), ('hidden', 0.0)))
+  assert same == terms  # logged unweighted
+  assert weighted == pytest.approx(2 * terms['pred'] + 0.5 * terms['attn'], rel=1e-6)
+
+
+def test_kl_attention_and_temperature_reach_the_loss():
+  _, mse = _loss()
+  _, kl = _loss(attn_loss='kl', temperature=2.0)
+  b = _batch()
+  s = BertModel(CFG).apply({'params': init_params(CFG, rng=jax.random.PRNGKey(1))},
+                           b['input_ids'], b['attention_mask'])
+  t = BertModel(CFG).apply({'params': init_params(CFG)}, b['input_ids'], b['attention_mask'])
+  expect = sum(float(losses.attention_kl(s.attention_scores[i], t.attention_scores[i],
+                                         b['attention_mask'], b['weights'])) for i in range(2))
+  assert kl['attn'] == pytest.approx(expect, rel=1e-5) and kl['attn'] != mse['attn']
+  assert kl['pred'] == pytest.approx(float(losses.soft_cross_entropy(
+      s.logits, t.logits, b['weights'], 2.0)), rel=1e-5)
+  assert kl['hidden'] == mse['hidden']
+
+
+def test_stage_fields_build_the_objective():
+  from bitbert_jax import config_lib
+  s = config_lib.stage('task_kd')
+  assert (s.pred_weight, s.attn_weight, s.hidden_weight, s.attn_loss) == (1.0, 1.0, 1.0, 'mse')
