@@ -14,7 +14,7 @@ Packed directory (format version 1), written into a temporary directory and rena
                        size accounting (see `size_report`).
   tokenizer files      copied from tokenizer_dir (vocab.txt, tokenizer.json, ...).
 
-Codes: see `bitbert_jax.quant.packing` (rows of an output-major matrix, LSB-first bit stream,
+Layout: `bitbert_jax.packed.format`; codes: see `bitbert_jax.quant.packing` (rows of an output-major matrix, LSB-first bit stream,
 1 bit = sign with bit 1 -> +1, 2 bits = ternary two's complement, 3..8 bits = two's complement).
 
 A split student (binary after ternary weight splitting) is a binary network with two binary
@@ -49,28 +49,12 @@ from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant import packing
 from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kernel_planes
-from bitbert_jax.quant.packed_layers import CODES_SUFFIX, SCALE_SUFFIX
 from bitbert_jax.quant.policy import QuantPolicy
-
-FORMAT = 'bitbert-packed'
-FORMAT_VERSION = 1
-WEIGHTS = 'weights.safetensors'
-CONFIG = 'config.json'
-POLICY = 'policy.json'
-MANIFEST = 'manifest.json'
-TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'added_tokens.json')
-FLOAT_DTYPES = ('float16', 'float32')
-STATE_SEP = ':'  # '<collection>:<path>' names a non-param variable, e.g. quant_stats ranges
+from bitbert_jax.packed.format import (BIT_ORDER, CODE_MEANING, CODES_SUFFIX, CONFIG,  # noqa: F401
+                                      FLOAT_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, POLICY,
+                                      SCALE_SUFFIX, STATE_SEP, TOKENIZER_FILES, WEIGHTS,
+                                      read_json, read_manifest, sha256_file)
 MAX_OVERHEAD = 0.05  # file bytes over information content; the format promises less
-CODE_MEANING = {
-    '1': 'sign bit: 1 -> +1, 0 -> -1 (sign(0) = +1)',
-    '2': "ternary, 2-bit two's complement: 00 -> 0, 01 -> +1, 11 -> -1",
-    '3-8': "symmetric uniform, b-bit two's complement in [-2^(b-1), 2^(b-1)-1]",
-}
-BIT_ORDER = ('rows of an output-major [out, in] matrix (kernels) or of a [vocab, hidden] table; '
-             'code i of a row at stream bits [i*b, (i+1)*b), LSB first; stream bit k = bit k%8 '
-             '(LSB = 0) of the row\'s byte k//8; rows padded to whole bytes')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,37 +289,6 @@ def size_report(out_dir, reference_fp32_bytes=None):
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
-
-
-def read_json(path):
-  """A JSON file's content; BitbertError naming the file when missing or unreadable."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise BitbertError(f'{path}: missing') from None
-  except (OSError, ValueError) as e:
-    raise BitbertError(f'{path}: unreadable JSON ({e})') from e
-
-
-def read_manifest(out_dir):
-  """manifest.json of a packed directory, with its format and version checked."""
-  manifest = read_json(os.path.join(out_dir, MANIFEST))
-  if manifest.get('format') != FORMAT:
-    raise BitbertError(f'{out_dir}/{MANIFEST}: format {manifest.get("format")!r} is not '
-                       f'{FORMAT!r}; is this a packed bitbert_jax export?')
-  if manifest.get('format_version') != FORMAT_VERSION:
-    raise BitbertError(f'{out_dir}/{MANIFEST}: format_version {manifest.get("format_version")!r}'
-                       f'; this bitbert_jax reads version {FORMAT_VERSION}')
-  return manifest
-
-
-def sha256_file(path, chunk=1 << 20):
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(chunk), b''):
-      h.update(block)
-  return h.hexdigest()
 
 
 def tokenizer_files(tokenizer_dir):

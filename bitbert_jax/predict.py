@@ -25,6 +25,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from bitbert_jax import export
+from bitbert_jax.packed import format as packed_format
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import BertModel
 from bitbert_jax.model.config import BertConfig
@@ -121,12 +122,7 @@ def load_packed(directory, verify=True, tokenizer=True):
   if not os.path.isdir(directory):
     raise BitbertError(f'packed model {directory}: no such directory')
   manifest = export.read_manifest(directory)
-  weights = os.path.join(directory, manifest['weights_file'])
-  if not os.path.isfile(weights):
-    raise BitbertError(f'{weights}: missing (listed in {export.MANIFEST})')
-  if verify and export.sha256_file(weights) != manifest['weights_sha256']:
-    raise BitbertError(f'{weights}: sha256 differs from {export.MANIFEST}; the file is '
-                       f'damaged or was replaced; re-export or copy it again')
+  weights = packed_format.weights_path(directory, manifest, verify)
   try:
     config = BertConfig.from_dict(export.read_json(os.path.join(directory, export.CONFIG)))
   except (TypeError, ValueError) as e:
