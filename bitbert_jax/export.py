@@ -24,6 +24,8 @@ binary model. Its two biases are stored summed, as the layer only uses b0 + b1.
 
 CLI: python -m bitbert_jax.export --checkpoint=<trainer workdir | stage dir | student dir>
        --out=<dir> [--tokenizer_dir=<dir>] [--float_dtype=float16] [--hf_out=<dir>]
+     python -m bitbert_jax.export --format=onnx --checkpoint=<student or packed dir> --out=<dir>
+       (see `bitbert_jax.onnx_export`)
 """
 import argparse
 import dataclasses
@@ -557,7 +559,10 @@ def main(argv=None):
   parser.add_argument('--checkpoint', required=True,
                       help='trainer workdir, stage dir or stage output (stage.json + params/), '
                            'or a directory with model_config.json, policy.json, params.msgpack')
-  parser.add_argument('--out', required=True, help='packed directory to create')
+  parser.add_argument('--out', required=True, help='directory to create')
+  parser.add_argument('--format', default='packed', choices=('packed', 'onnx'),
+                      help='packed: the packed low-bit directory; onnx: model.onnx for ONNX '
+                           'Runtime (from a student or a packed directory)')
   parser.add_argument('--tokenizer_dir', default=None,
                       help='tokenizer files to copy (default: from the checkpoint, if present)')
   parser.add_argument('--float_dtype', default='float16', choices=FLOAT_DTYPES)
@@ -566,6 +571,13 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
   try:
+    if args.format == 'onnx':
+      from bitbert_jax import onnx_export  # pylint: disable=g-import-not-at-top
+      out = onnx_export.export_onnx(args.checkpoint, args.out, tokenizer_dir=args.tokenizer_dir,
+                                    overwrite=args.overwrite, float_dtype=args.float_dtype)
+      print(f'wrote {out}')
+      print(onnx_export.format_sizes(out))
+      return 0
     s = load_student(args.checkpoint)
     tok = args.tokenizer_dir or s.tokenizer_dir
     if tok is None:

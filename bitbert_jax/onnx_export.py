@@ -12,7 +12,6 @@ import shutil
 import tempfile
 
 from bitbert_jax import export
-from bitbert_jax.errors import BitbertError
 from bitbert_jax.packed import format as fmt
 
 FORMAT = 'bitbert-onnx'
@@ -98,7 +97,10 @@ def export_onnx(source, out_dir, tokenizer_dir=None, overwrite=False, float_dtyp
   return out_dir
 
 
-def check_tokenizer(out_dir):
-  """BitbertError when an ONNX directory has no tokenizer (serve needs tokenizer.json)."""
-  if not os.path.isfile(os.path.join(out_dir, 'tokenizer.json')):
-    raise BitbertError(f'{out_dir}: no tokenizer files; export with tokenizer_dir')
+def format_sizes(out_dir):
+  """Two lines: model.onnx against the packed weights it came from."""
+  m = fmt.read_json(os.path.join(out_dir, fmt.MANIFEST))
+  mib = lambda b: f'{b / 2**20:.2f} MiB'
+  return (f'model.onnx        {mib(m["model_bytes"])}\n'
+          f'packed weights    {mib(m["packed_weights_bytes"])} '
+          f'(onnx/packed = {m["model_bytes"] / m["packed_weights_bytes"]:.3f})')

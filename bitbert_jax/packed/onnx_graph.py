@@ -9,7 +9,7 @@ the file stays packed while inference multiplies int8 codes.
 A quantized dense layer follows `bitbert_jax.quant.grid` step by step:
 
   s_x    = 2 max|x| / 2^a per token                     ReduceMax, Mul, Div (exact powers of 2)
-  x_code = clip(round_half_even(x / s_x), -2^(a-1), 2^(a-1) - 1)   Div, Round, Clip -> int8
+  x_code = clip(round_half_even(x * (1 / s_x)), -2^(a-1), 2^(a-1) - 1)  Reciprocal, Mul, Round, Clip
   acc    = x_code . w_code  per K chunk (`grid.chunks`) MatMulInteger (int32), Cast, Add in order
   y      = acc_0 (s_x alpha_0) [+ acc_1 (s_x alpha_1)] + bias           Mul, Add (float32)
 
@@ -42,8 +42,9 @@ class _Graph:
 
   def op(self, op_type, inputs, scope, **attrs):
     self._count += 1
-    out = f'{scope}/{op_type}_{self._count}'
-    self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
+    out = f't{self._count}'  # short value names: the graph's bytes are mostly its weights
+    self.nodes.append(helper.make_node(op_type, list(inputs), [out],
+                                       name=f'{scope}/{op_type}_{self._count}', **attrs))
     return out
 
   def init(self, name, array):
@@ -57,7 +58,7 @@ class _Graph:
     arr = np.asarray(value, dtype)
     key = (arr.dtype.str, arr.shape, arr.tobytes())
     if key not in self._consts:
-      self._consts[key] = self.init(f'const_{len(self._consts)}', arr)
+      self._consts[key] = self.init(f'c{len(self._consts)}', arr)
     return self._consts[key]
 
   def i64(self, *values):
@@ -129,7 +130,11 @@ def token_codes(g, x, bits, scope):
   amax = g.op('ReduceMax', [g.op('Abs', [x], scope)], scope, axes=[-1], keepdims=1)
   scale = g.op('Div', [g.op('Mul', [amax, g.f32(2.0)], scope), g.f32(2.0**bits)], scope)
   safe = g.op('Where', [g.op('Equal', [scale, g.f32(0.0)], scope), g.f32(1.0), scale], scope)
-  codes = g.op('Round', [g.op('Div', [x, safe], scope)], scope)
+  # x * (1 / s), not x / s: XLA rewrites the division by a broadcast scale into a multiply by
+  # its reciprocal, and a code at a half-way point rounds by which of the two is computed.
+  # Reciprocal, not Div(1, s): ORT's DivMulFusion turns Div(1, s) * x back into x / s.
+  inverse = g.op('Reciprocal', [safe], scope)
+  codes = g.op('Round', [g.op('Mul', [x, inverse], scope)], scope)
   codes = g.op('Clip', [codes, g.f32(-2.0**(bits - 1)), g.f32(2.0**(bits - 1) - 1)], scope)
   codes = g.op('Add', [codes, g.f32(ACT_ZERO_POINT)], scope)  # exact: integers below 2^8
   return g.op('Cast', [codes], scope, to=TensorProto.UINT8), scale
