@@ -24,7 +24,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from bitbert_jax import export
-from bitbert_jax import textio
+from bitbert_serve import textio
 from bitbert_jax.packed import format as packed_format
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import BertModel
@@ -258,7 +258,7 @@ def layer_diffs(model_a, params_a, model_b, params_b, batch):
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI (inputs: `bitbert_jax.textio`, shared with the ONNX Runtime CLI).
+# The CLI (inputs: `bitbert_serve.textio`, shared with the ONNX Runtime CLI).
 
 
 read_texts = textio.read_texts  # kept here for callers of predict.read_texts

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from bitbert_jax import export, hf, pipeline, predict, textio
+from bitbert_jax import export, hf, pipeline, predict
+from bitbert_serve import textio
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from bitbert_jax.model import BertConfig, init_params

@@ -1,14 +1,14 @@
 """Reading the inputs of the prediction CLIs: one text (or pair) per input line, never fewer.
 
-Standard library only: `bitbert_jax.predict` (JAX) and `bitbert_jax.serve` (ONNX Runtime, no
-JAX) read their input here, so both keep one output line per input line, or stop with one error
+Standard library only: `bitbert_jax.predict` (JAX) and `bitbert_serve` (ONNX Runtime, no JAX)
+read their input here, so both keep one output line per input line, or stop with one error
 naming the line:
   * an empty line is an empty text when one column is read, and an error when two are;
   * a line that is not UTF-8 is an error naming the line and the byte (not a traceback).
 """
 import sys
 
-from bitbert_jax.errors import BitbertError
+from bitbert_serve.errors import BitbertError
 
 
 
@@ -32,11 +32,12 @@ def _decoded_lines(data, where):
 
 
 def _read_bytes(path_or_file):
-  if path_or_file == '-':
-    return sys.stdin.buffer.read()
+  if path_or_file == '-':  # bytes: the text layer would hide bad bytes as surrogates
+    path_or_file = getattr(sys.stdin, 'buffer', sys.stdin)
   if hasattr(path_or_file, 'read'):
     data = path_or_file.read()
-    return data.encode('utf-8') if isinstance(data, str) else data
+    # surrogateescape gives back the bytes a text layer could not decode, to be named below
+    return data.encode('utf-8', 'surrogateescape') if isinstance(data, str) else data
   try:
     with open(path_or_file, 'rb') as f:
       return f.read()
