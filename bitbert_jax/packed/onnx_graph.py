@@ -9,7 +9,8 @@ the file stays packed while inference multiplies int8 codes.
 A quantized dense layer follows `bitbert_jax.quant.grid` step by step:
 
   s_x    = 2 max|x| / 2^a per token                     ReduceMax, Mul, Div (exact powers of 2)
-  x_code = clip(round_half_even(x * (1 / s_x)), -2^(a-1), 2^(a-1) - 1)  Reciprocal, Mul, Round, Clip
+  x_code = clip(round_half_even(x * (1 / s_x)), -2^(a-1), 2^(a-1) - 1)
+                                                 Reciprocal, Mul, QuantizeLinear (uint8 + 128)
   acc    = x_code . w_code  per K chunk (`grid.chunks`) MatMulInteger (int32), Cast, Add in order
   y      = acc_0 (s_x alpha_0) [+ acc_1 (s_x alpha_1)] + bias           Mul, Add (float32)
 
@@ -134,10 +135,14 @@ def token_codes(g, x, bits, scope):
   # its reciprocal, and a code at a half-way point rounds by which of the two is computed.
   # Reciprocal, not Div(1, s): ORT's DivMulFusion turns Div(1, s) * x back into x / s.
   inverse = g.op('Reciprocal', [safe], scope)
-  codes = g.op('Round', [g.op('Mul', [x, inverse], scope)], scope)
-  codes = g.op('Clip', [codes, g.f32(-2.0**(bits - 1)), g.f32(2.0**(bits - 1) - 1)], scope)
-  codes = g.op('Add', [codes, g.f32(ACT_ZERO_POINT)], scope)  # exact: integers below 2^8
-  return g.op('Cast', [codes], scope, to=TensorProto.UINT8), scale
+  codes = g.op('Mul', [x, inverse], scope)
+  if bits < 8:
+    codes = g.op('Clip', [g.op('Round', [codes], scope), g.f32(-2.0**(bits - 1)),
+                          g.f32(2.0**(bits - 1) - 1)], scope)
+  # QuantizeLinear with scale 1 is round half to even, + 128, saturate to [0, 255]: the 8-bit
+  # clip to [-128, 127] and the zero-point shift in one op (codes / 1 is exact).
+  return g.op('QuantizeLinear', [codes, g.f32(1.0), g.const(ACT_ZERO_POINT, np.uint8)],
+              scope), scale
 
 
 class _Model:
@@ -181,10 +186,12 @@ class _Model:
     w = g.op('Transpose', [g.op('Reshape', [w, g.i64(planes * rows, cols)], module)], module,
              perm=[1, 0])  # [K, P * N]: both planes in one integer matmul
     g.init(scale_name, self.t[scale_name])
-    per_group = rows // groups
-    row_scale = g.op('Reshape', [g.op('Expand', [
-        g.op('Reshape', [scale_name, g.i64(planes, groups, 1)], module),
-        g.i64(planes, groups, per_group)], module), g.i64(planes, rows)], module)
+    if groups == 1:  # one scale per plane: s_x alpha_p is [..., 1], the same floats per row
+      row_scale = g.op('Reshape', [scale_name, g.i64(planes, 1)], module)
+    else:
+      row_scale = g.op('Reshape', [g.op('Expand', [
+          g.op('Reshape', [scale_name, g.i64(planes, groups, 1)], module),
+          g.i64(planes, groups, rows // groups)], module), g.i64(planes, rows)], module)
     xc, xs = token_codes(g, x, act.bits, module)
     parts = []
     for lo, hi in grid.chunks(cols, act.bits, quant.bits):
@@ -205,8 +212,8 @@ class _Model:
       alpha = g.op('Gather', [row_scale, g.index(p)], module, axis=0)
       # Expand (a no-op on values) keeps ORT's MatMulIntegerToFloat fusion away: the fused
       # kernel takes a per-tensor activation scale and would drop the per-token one.
-      scale = g.op('Expand', [g.op('Mul', [xs, alpha], module), g.op('Shape', [acc_p], module)],
-                   module)
+      scale = g.op('Mul', [xs, alpha], module)
+      scale = g.op('Expand', [scale, g.op('Shape', [scale], module)], module)
       term = g.op('Mul', [acc_p, scale], module)
       y = term if y is None else g.op('Add', [y, term], module)
     return y
@@ -248,16 +255,16 @@ class _Model:
     g, name = self.g, self.cfg.hidden_act
     if name == 'relu':
       return g.op('Relu', [h], scope)
-    half_x = g.op('Mul', [g.f32(0.5), h], scope)
-    if name == 'gelu':  # exact: 0.5 x (1 + erf(x / sqrt 2))
-      cdf = g.op('Add', [g.f32(1.0), g.op('Erf', [g.op('Mul', [h, g.f32(np.sqrt(0.5))], scope)],
-                                          scope)], scope)
-    else:  # tanh approximation
-      cube = g.op('Mul', [g.f32(0.044715), g.op('Mul', [h, g.op('Mul', [h, h], scope)], scope)],
-                  scope)
-      inner = g.op('Mul', [g.f32(np.sqrt(2 / np.pi)), g.op('Add', [h, cube], scope)], scope)
-      cdf = g.op('Add', [g.f32(1.0), g.op('Tanh', [inner], scope)], scope)
-    return g.op('Mul', [half_x, cdf], scope)
+    if name == 'gelu':  # exact, x (1 + erf(x / sqrt 2)) 0.5: the form ORT fuses into one Gelu
+      cdf = g.op('Add', [g.op('Erf', [g.op('Div', [h, g.f32(np.sqrt(2.0))], scope)], scope),
+                         g.f32(1.0)], scope)
+      return g.op('Mul', [g.op('Mul', [h, cdf], scope), g.f32(0.5)], scope)
+    # tanh approximation ('gelu_new', 'gelu_pytorch_tanh')
+    cube = g.op('Mul', [g.f32(0.044715), g.op('Mul', [h, g.op('Mul', [h, h], scope)], scope)],
+                scope)
+    inner = g.op('Mul', [g.f32(np.sqrt(2 / np.pi)), g.op('Add', [h, cube], scope)], scope)
+    cdf = g.op('Add', [g.f32(1.0), g.op('Tanh', [inner], scope)], scope)
+    return g.op('Mul', [g.op('Mul', [g.f32(0.5), h], scope), cdf], scope)
 
   def attention(self, x, mask_bias, i):
     g, cfg = self.g, self.cfg

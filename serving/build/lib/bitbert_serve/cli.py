@@ -25,8 +25,8 @@ def main(argv=None, prog='python -m bitbert_serve'):
     cols = args.text_columns
     if cols and len(cols) == 1 and ',' in cols[0]:
       cols = cols[0].split(',')
-    texts = textio.read_texts(args.input, cols, header=not args.no_header)
     model = runtime.load(args.model, threads=args.threads)
+    texts = textio.read_texts(args.input, cols, header=not args.no_header)
     logits, labels = runtime.predict(model, texts, args.batch_size, args.max_length)
   except BitbertError as e:
     print(f'error: {e}', file=sys.stderr)

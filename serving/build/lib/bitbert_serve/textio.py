@@ -32,11 +32,12 @@ def _decoded_lines(data, where):
 
 
 def _read_bytes(path_or_file):
-  if path_or_file == '-':
-    return sys.stdin.buffer.read()
+  if path_or_file == '-':  # bytes: the text layer would hide bad bytes as surrogates
+    path_or_file = getattr(sys.stdin, 'buffer', sys.stdin)
   if hasattr(path_or_file, 'read'):
     data = path_or_file.read()
-    return data.encode('utf-8') if isinstance(data, str) else data
+    # surrogateescape gives back the bytes a text layer could not decode, to be named below
+    return data.encode('utf-8', 'surrogateescape') if isinstance(data, str) else data
   try:
     with open(path_or_file, 'rb') as f:
       return f.read()
