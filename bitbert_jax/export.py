@@ -615,6 +615,9 @@ def main(argv=None):
                                     overwrite=args.overwrite, float_dtype=args.float_dtype)
       print(f'wrote {out}')
       print(onnx_export.format_sizes(out))
+      if not os.path.isfile(os.path.join(out, 'tokenizer.json')):
+        print('warning: no tokenizer files found; pass --tokenizer_dir so that '
+              '`python -m bitbert_serve` can tokenize text', file=sys.stderr)
       return 0
     s = load_student(args.checkpoint)
     tok = args.tokenizer_dir or s.tokenizer_dir

@@ -126,7 +126,7 @@ def token_codes(g, x, bits, scope):
   rule of `quantizers.activation_codes` (scale 2 max|x| / 2^bits, round half to even, clip).
 
   The codes go to MatMulInteger as uint8 with zero point 128 (exactly the int8 code): ONNX
-  Runtime's fast integer GEMMs take uint8 activations (int8 x int8 ran ~10x slower here).
+  Runtime's fast integer GEMMs take uint8 activations (int8 x int8 ran ~20x slower here).
   """
   amax = g.op('ReduceMax', [g.op('Abs', [x], scope)], scope, axes=[-1], keepdims=1)
   scale = g.op('Div', [g.op('Mul', [amax, g.f32(2.0)], scope), g.f32(2.0**bits)], scope)
@@ -155,8 +155,8 @@ class _Model:
   def has_codes(self, path):
     return f'{path}{fmt.CODES_SUFFIX}' in self.t
 
-  def dense(self, x, module, features, rank):
-    """x [..., K] float32 (rank dims) -> the layer's output [..., features] float32."""
+  def dense(self, x, module):
+    """x [..., K] float32 -> the layer's output [..., N] float32 (N: its output rows)."""
     g, path = self.g, f'{module}/kernel'
     quant, act = self.policy.weight_quant(path), self.policy.input_quant(path)
     if quant is None:
@@ -165,10 +165,10 @@ class _Model:
                            f'integer-grid or float layers are supported')
       y = g.op('MatMul', [x, _float(g, self.t, path, module)], module)
     else:
-      y = self.integer_dense(x, module, path, quant, act, features, rank)
+      y = self.integer_dense(x, module, path, quant, act)
     return g.op('Add', [y, _float(g, self.t, f'{module}/bias', module)], module)
 
-  def integer_dense(self, x, module, path, quant, act, features, rank):
+  def integer_dense(self, x, module, path, quant, act):
     g = self.g
     codes_name, scale_name = f'{path}{fmt.CODES_SUFFIX}', f'{path}{fmt.SCALE_SUFFIX}'
     rec = self.records[codes_name]
@@ -179,8 +179,8 @@ class _Model:
                          f'{act}, {groups} weight groups); the ONNX graph supports dynamic '
                          f'2..8-bit activations and groups of whole output rows')
     g.init(codes_name, self.t[codes_name])
-    # 1-2 bit codes as int8 (|w| <= 1: no int16 saturation in any u8 x s8 kernel); wider
-    # ones as uint8 with a zero point, which ORT multiplies without saturation everywhere.
+    # 1-2 bit codes as int8 (|w| <= 1: u8 x s8 kernels that add product pairs in int16, as
+    # AVX2 without VNNI does, cannot saturate); wider ones as uint8 with a zero point.
     w_zero = 0 if quant.bits <= 2 else 2**(quant.bits - 1)
     w = unpack_codes(g, codes_name, quant.bits, cols, 3 if planes == 2 else 2, module, w_zero)
     w = g.op('Transpose', [g.op('Reshape', [w, g.i64(planes * rows, cols)], module)], module,
@@ -270,7 +270,7 @@ class _Model:
     g, cfg = self.g, self.cfg
     scope = f'encoder/layer_{i}/attention'
     heads, d = cfg.num_attention_heads, cfg.head_dim
-    proj = lambda name: _reshape_tail(g, self.dense(x, f'{scope}/{name}', cfg.hidden_size, 3),
+    proj = lambda name: _reshape_tail(g, self.dense(x, f'{scope}/{name}'),
                                       2, [heads, d], scope)
     q = g.op('Transpose', [proj('query')], scope, perm=[0, 2, 1, 3])  # [B, N, S, D]
     k = g.op('Transpose', [proj('key')], scope, perm=[0, 2, 3, 1])  # [B, N, D, S]
@@ -279,7 +279,7 @@ class _Model:
     probs = g.op('Softmax', [g.op('Add', [scores, mask_bias], scope)], scope, axis=-1)
     context = g.op('Transpose', [g.op('MatMul', [probs, v], scope)], scope, perm=[0, 2, 1, 3])
     context = _reshape_tail(g, context, 2, [cfg.hidden_size], scope)
-    out = self.dense(context, f'{scope}/output', cfg.hidden_size, 3)
+    out = self.dense(context, f'{scope}/output')
     return self.layer_norm(g.op('Add', [out, x], scope), f'{scope}/LayerNorm')
 
   def build(self):
@@ -303,12 +303,12 @@ class _Model:
     for i in range(cfg.num_hidden_layers):
       x = self.attention(x, bias, i)
       scope = f'encoder/layer_{i}'
-      h = self.activation(self.dense(x, f'{scope}/intermediate', cfg.intermediate_size, 3), scope)
-      out = self.dense(h, f'{scope}/output', cfg.hidden_size, 3)
+      h = self.activation(self.dense(x, f'{scope}/intermediate'), scope)
+      out = self.dense(h, f'{scope}/output')
       x = self.layer_norm(g.op('Add', [out, x], scope), f'{scope}/output_LayerNorm')
     first = g.op('Gather', [x, g.index(0)], 'pooler', axis=1)  # [B, H]: the [CLS] token
-    pooled = g.op('Tanh', [self.dense(first, 'pooler', cfg.hidden_size, 2)], 'pooler')
-    logits = self.dense(pooled, 'classifier', cfg.num_labels, 2)
+    pooled = g.op('Tanh', [self.dense(first, 'pooler')], 'pooler')
+    logits = self.dense(pooled, 'classifier')
     g.nodes.append(helper.make_node('Identity', [logits], [OUTPUT], name='logits'))
     dims = ['batch', 'sequence']
     graph = helper.make_graph(
