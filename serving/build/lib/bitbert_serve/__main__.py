@@ -1,5 +1,0 @@
-import sys
-
-from bitbert_serve.cli import main
-
-sys.exit(main())
