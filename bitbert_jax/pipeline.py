@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 
 import jax
@@ -28,6 +29,7 @@ from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.distill import stages as stages_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig
+from bitbert_jax.packed import format as packed_format
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.train import Teacher
 from bitbert_jax.train_state import new_state
@@ -243,7 +245,31 @@ def run(config, workdir):
   inputs = prepare(config, workdir)
   if jax.process_index() == 0:
     write_config(config, workdir)
+    save_tokenizer(workdir, inputs.tokenizer_dir)
   return execute(config, workdir, inputs)
+
+
+TOKENIZER = 'tokenizer'  # workdir/tokenizer: the run's tokenizer files, for export and predict
+
+
+def save_tokenizer(workdir, tokenizer_dir):
+  """Copies the run's tokenizer files into workdir/tokenizer (once; temp dir + rename), so
+  that `python -m bitbert_jax.export --checkpoint=WORKDIR` carries them without flags."""
+  out = os.path.join(workdir, TOKENIZER)
+  if os.path.isdir(out) or not (tokenizer_dir and os.path.isdir(tokenizer_dir)):
+    return  # a hub id: export falls back to the names in config.json
+  files = [n for n in packed_format.TOKENIZER_FILES
+           if os.path.isfile(os.path.join(tokenizer_dir, n))]
+  if not files:
+    return
+  tmp = tempfile.mkdtemp(prefix=f'.{TOKENIZER}.tmp-', dir=workdir)
+  try:
+    for name in files:
+      shutil.copy2(os.path.join(tokenizer_dir, name), tmp)
+    os.chmod(tmp, 0o755)
+    os.rename(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def execute(config, workdir, inputs):

@@ -10,7 +10,6 @@ The parameters stay packed in memory (uint8 codes, float32 scales, float16 float
 quantized layers unpack their codes inside the jitted forward pass (quant/packed_layers.py).
 """
 import argparse
-import csv
 import dataclasses
 import functools
 import os
@@ -25,13 +24,13 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from bitbert_jax import export
+from bitbert_serve import textio
+from bitbert_jax.packed import format as packed_format
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import BertModel
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant.policy import QuantPolicy
 
-# csv's default 128 KiB field cap is too small for some user files.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 BUCKET = 32  # sequence lengths are padded to a multiple of this: few jit shapes
 
 
@@ -121,12 +120,7 @@ def load_packed(directory, verify=True, tokenizer=True):
   if not os.path.isdir(directory):
     raise BitbertError(f'packed model {directory}: no such directory')
   manifest = export.read_manifest(directory)
-  weights = os.path.join(directory, manifest['weights_file'])
-  if not os.path.isfile(weights):
-    raise BitbertError(f'{weights}: missing (listed in {export.MANIFEST})')
-  if verify and export.sha256_file(weights) != manifest['weights_sha256']:
-    raise BitbertError(f'{weights}: sha256 differs from {export.MANIFEST}; the file is '
-                       f'damaged or was replaced; re-export or copy it again')
+  weights = packed_format.weights_path(directory, manifest, verify)
   try:
     config = BertConfig.from_dict(export.read_json(os.path.join(directory, export.CONFIG)))
   except (TypeError, ValueError) as e:
@@ -264,71 +258,10 @@ def layer_diffs(model_a, params_a, model_b, params_b, batch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading inputs and the CLI.
+# The CLI (inputs: `bitbert_serve.textio`, shared with the ONNX Runtime CLI).
 
 
-def _column(header, col, where):
-  if header is None or str(col).lstrip('-').isdigit():
-    try:
-      return int(col)
-    except ValueError:
-      raise BitbertError(f'{where}: column {col!r}: the input has no header; give column '
-                         f'numbers (0-based)') from None
-  if col not in header:
-    raise BitbertError(f'{where}: no column {col!r}; columns: {", ".join(header)}')
-  return header.index(col)
-
-
-def read_texts(path_or_file, text_columns=None, header=True, label_column=None):
-  """Reads a TSV of inputs (GLUE layout: quotes are literal characters).
-
-  Args:
-    path_or_file: file path, '-' for stdin, or an open text file.
-    text_columns: one or two column names (or 0-based numbers); default: every column of a
-      file that has one or two.
-    header: the first row names the columns.
-    label_column: also return this column's values (e.g. 'Quality' for MRPC).
-
-  Returns:
-    list of str (one column) or of (a, b) tuples; with label_column, (texts, labels).
-  """
-  where = '<stdin>' if path_or_file == '-' else getattr(path_or_file, 'name', path_or_file)
-  if path_or_file == '-':
-    rows = list(csv.reader(sys.stdin, delimiter='\t', quoting=csv.QUOTE_NONE))
-  elif hasattr(path_or_file, 'read'):
-    rows = list(csv.reader(path_or_file, delimiter='\t', quoting=csv.QUOTE_NONE))
-  else:
-    try:
-      with open(path_or_file, encoding='utf-8-sig', newline='') as f:
-        rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))
-    except OSError as e:
-      raise BitbertError(f'input {path_or_file}: cannot read ({e.strerror})') from None
-  if rows and rows[0] and rows[0][0].startswith('\ufeff'):
-    rows[0][0] = rows[0][0][1:]
-  names = rows.pop(0) if header and rows else None
-  width = len(names) if names else (len(rows[0]) if rows else 0)
-  if text_columns is None:
-    if width not in (1, 2):
-      raise BitbertError(f'{where}: {width} columns; say which hold the text with '
-                         f'--text_columns (columns: {", ".join(names or map(str, range(width)))})')
-    text_columns = list(range(width))
-  if isinstance(text_columns, str):
-    text_columns = [text_columns]
-  if len(text_columns) not in (1, 2):
-    raise BitbertError(f'text_columns {list(text_columns)}: give one or two columns')
-  idx = [_column(names, c, where) for c in text_columns]
-  lab = None if label_column is None else _column(names, label_column, where)
-  need = max(idx + ([lab] if lab is not None else [])) + 1
-  texts, labels = [], []
-  for line, row in enumerate(rows, start=2 if names else 1):
-    if not row:
-      continue
-    if len(row) < need:
-      raise BitbertError(f'{where}:{line}: {len(row)} fields; need at least {need}')
-    texts.append(row[idx[0]] if len(idx) == 1 else (row[idx[0]], row[idx[1]]))
-    if lab is not None:
-      labels.append(row[lab])
-  return (texts, labels) if label_column is not None else texts
+read_texts = textio.read_texts  # kept here for callers of predict.read_texts
 
 
 def main(argv=None):

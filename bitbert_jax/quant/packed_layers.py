@@ -26,13 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bitbert_jax.packed.format import CODES_SUFFIX, SCALE_SUFFIX
 from bitbert_jax.quant import activations
 from bitbert_jax.quant import grid
 from bitbert_jax.quant import packing
 from bitbert_jax.quant import quantizers
 
-CODES_SUFFIX = '_codes'
-SCALE_SUFFIX = '_scale'
 
 
 def _path(module, name):

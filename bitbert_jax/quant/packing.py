@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.packed.format import row_bytes, unpack_steps  # the one layout description
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -33,11 +34,6 @@ def _check_bits(bits):
   if bits not in SUPPORTED_BITS:
     raise BitbertError(f'cannot pack {bits}-bit codes; valid bits: '
                        f'{", ".join(map(str, SUPPORTED_BITS))}')
-
-
-def row_bytes(n, bits):
-  """Bytes that hold one row of n codes of `bits` bits."""
-  return math.ceil(n * bits / 8)
 
 
 def code_range(bits):
@@ -127,11 +123,10 @@ def jnp_unpack_fields(packed, bits, n):
                        f'{row_bytes(n, bits)}')
   packed = packed.astype(jnp.uint8)
   mask = jnp.uint8(2**bits - 1)
-  if 8 % bits == 0:
-    per_byte = 8 // bits
-    shifts = jnp.arange(0, 8, bits, dtype=jnp.uint8)
-    fields = (packed[..., None] >> shifts) & mask  # [..., nbytes, per_byte]
-    return fields.reshape(*lead, nbytes * per_byte)[..., :n]
+  shifts, _ = unpack_steps(bits)
+  if shifts is not None:
+    fields = (packed[..., None] >> jnp.asarray(shifts, jnp.uint8)) & mask  # [..., nbytes, per]
+    return fields.reshape(*lead, nbytes * len(shifts))[..., :n]
   stream = (packed[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., nbytes, 8]
   stream = stream.reshape(*lead, nbytes * 8)[..., :n * bits].reshape(*lead, n, bits)
   weights = (1 << jnp.arange(bits)).astype(jnp.uint8)

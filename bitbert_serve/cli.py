@@ -1,0 +1,37 @@
+"""python -m bitbert_serve: one label per input line on stdout, like bitbert_jax.predict."""
+import argparse
+import sys
+
+from bitbert_serve import runtime
+from bitbert_serve import textio
+from bitbert_serve.errors import BitbertError
+
+
+def main(argv=None, prog='python -m bitbert_serve'):
+  parser = argparse.ArgumentParser(prog=prog,
+                                   description='Predict labels with an exported ONNX model.')
+  parser.add_argument('--model', required=True,
+                      help='ONNX directory (python -m bitbert_jax.export --format=onnx)')
+  parser.add_argument('--input', default='-', help='TSV file with a header row, or - (stdin)')
+  parser.add_argument('--text_columns', nargs='+', default=None,
+                      help='one or two column names (or 0-based numbers with --no_header)')
+  parser.add_argument('--no_header', action='store_true', help='the input has no header row')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--max_length', type=int, default=128)
+  parser.add_argument('--threads', type=int, default=None, help='ONNX Runtime threads')
+  parser.add_argument('--logits', action='store_true', help='also print the logits')
+  args = parser.parse_args(argv)
+  try:
+    cols = args.text_columns
+    if cols and len(cols) == 1 and ',' in cols[0]:
+      cols = cols[0].split(',')
+    model = runtime.load(args.model, threads=args.threads)
+    texts = textio.read_texts(args.input, cols, header=not args.no_header)
+    logits, labels = runtime.predict(model, texts, args.batch_size, args.max_length)
+  except BitbertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for label, row in zip(labels, logits):
+    extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if args.logits else ''
+    print(f'{label}{extra}')
+  return 0
