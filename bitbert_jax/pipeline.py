@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
+from bitbert_jax import paths
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
@@ -88,10 +89,11 @@ def load_task_data(config, tokenizer_dir, sample_dir):
   """(task, TaskData, source): source says where the data came from (a dir, hub, sample)."""
   t = config.task
   if t.train_file:
-    task = data_lib.custom_task(t.name, tuple(t.text_columns.split(',')),
+    task = data_lib.custom_task(t.name, validate.text_columns(t),
                                 tuple(t.label_names.split(',')) if t.label_names else None)
     load = lambda path: data_lib.load_custom_split(path, task.text_fields, t.label_column,
-                                                   task.label_names, task.is_regression)
+                                                   task.label_names, task.is_regression,
+                                                   columns=validate.file_columns(t))
     train, devs, source = load(t.train_file), {'validation': load(t.dev_file)}, t.train_file
   else:
     task = data_lib.get_task(t.name)
@@ -240,6 +242,8 @@ def _changed_fields(old, new, prefix='config'):
 
 def run(config, workdir):
   """Runs the pipeline; returns (results, final state, tokenizer dir); results.json too."""
+  workdir = paths.absolute(workdir)
+  paths.absolute_config(config)
   inputs = prepare(config, workdir)
   if jax.process_index() == 0:
     write_config(config, workdir)
@@ -292,7 +296,12 @@ def _execute(config, workdir, inputs, writer):
       t0 = time.time()
       if stage_cfg.kind == 'finetune':
         state = new_state(pretrained.config, pretrained.params)
-      state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
+      try:
+        state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
+      except train_lib.Preempted as e:
+        if e.stage is not None:
+          raise
+        raise train_lib.Preempted(name, 0, e.during) from None  # before its first step
       student_layers = ctx.student_layers
       info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
               'student_layers': list(student_layers) if student_layers else None}
@@ -332,6 +341,25 @@ def _export_hf(out_dir, teacher, tokenizer_dir):
                           tokenizer_dir=tokenizer_dir)
 
 
+@dataclasses.dataclass
+class Corpus:
+  """General KD's text: `corpus(batch_size, epoch, repeat)` streams pass `repeat` of an epoch."""
+  sources: list
+  tokenizer: object
+  max_length: int
+  seed: int
+
+  @property
+  def name(self):
+    return ','.join(self.sources)
+
+  def __call__(self, batch_size, epoch, repeat=0):
+    return data_lib.corpus_batches(
+        self.sources, self.tokenizer, self.max_length, batch_size, seed=self.seed, epoch=epoch,
+        repeat=repeat, drop_remainder=True, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+
 def _corpus_fn(config, tokenizer, workdir):
   sources = [s for s in config.corpus.split(',') if s]
   if not sources:
@@ -340,6 +368,4 @@ def _corpus_fn(config, tokenizer, workdir):
     log.warning('config.corpus=sample: general KD runs on GENERATED text; set CORPUS_DIR or '
                 'config.corpus to real text (e.g. Wikipedia) for a useful student')
     sources = [data_lib.write_sample_corpus(os.path.join(workdir, 'sample_corpus', 'corpus.txt'))]
-  return lambda batch_size, epoch: data_lib.corpus_batches(
-      sources, tokenizer, config.task.max_length, batch_size, seed=config.seed, epoch=epoch,
-      drop_remainder=True, process_index=jax.process_index(), process_count=jax.process_count())
+  return Corpus(sources, tokenizer, config.task.max_length, config.seed)

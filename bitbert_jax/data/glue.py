@@ -122,10 +122,14 @@ def _read_rows(path: str, delimiter: str, quoting: int) -> Iterator[tuple[int, l
       raise BitbertError(f'{path}:{reader.line_num}: malformed row ({e})') from None
 
 
-def _column_index(path: str, header: list[str], column: str | int, what: str) -> int:
+def _column_index(path: str, header: list[str], column: str | int, what: str,
+                  named: bool = False) -> int:
   if isinstance(column, int):
     return column % len(header)
   if column not in header:
+    if named:  # a headerless file: the names came from the caller (config.task.columns)
+      raise BitbertError(f'{path}: no {what} column {column!r} among the columns given for '
+                         f'this headerless file: {header}')
     raise BitbertError(f'{path}:1: header has no {what} column {column!r}; '
                        f'header columns: {header}')
   return header.index(column)
@@ -145,10 +149,11 @@ def _read_table(path: str, text_columns: Sequence[str], label_column: str | int 
     header = [h.strip() for h in first[1]]
   else:
     header = list(headerless_names)
-  text_idx = [_column_index(path, header, c, 'text') for c in text_columns]
+  named = headerless_names is not None
+  text_idx = [_column_index(path, header, c, 'text', named) for c in text_columns]
   label_idx = None
   if label_column is not None:
-    label_idx = _column_index(path, header, label_column, 'label')
+    label_idx = _column_index(path, header, label_column, 'label', named)
   cols = {f: [] for f in out_fields}
   labels = []
   for line, row in rows:
@@ -292,8 +297,9 @@ def _read_jsonl(path: str, text_columns: Sequence[str], label_column: str | None
 def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
                       label_column: str | None,
                       label_names: Sequence[str] | None = None,
-                      regression: bool = False) -> datasets.Dataset:
-  """Loads a user split from .tsv/.csv (with header) or .jsonl (one object per line).
+                      regression: bool = False,
+                      columns: Sequence[str] | None = None) -> datasets.Dataset:
+  """Loads a user split from .tsv/.csv (with a header, or `columns`) or .jsonl (an object a line).
 
   Args:
     path: data file; the format comes from the extension.
@@ -302,6 +308,8 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
     label_names: class names; labels may be these names or integer indices. None (and
       `regression=False`) accepts any non-negative integer index.
     regression: labels are floats.
+    columns: names of a headerless .tsv/.csv file's columns, in order (e.g. ('label', 'text'));
+      None: its first row is the header.
 
   Returns:
     Dataset with columns `text_columns` (string) and 'label' (int64, or float32 if regression).
@@ -320,11 +328,19 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
     raise BitbertError(f'{path}: unsupported extension {ext!r}; valid: .tsv, .csv, .jsonl')
   if not os.path.isfile(path):
     raise _missing_file_error(os.path.abspath(path), 'custom')
+  if columns is not None:
+    columns = tuple(columns)
+    if ext == '.jsonl':
+      raise BitbertError(f'{path}: column names {list(columns)} are for headerless .tsv/.csv '
+                         'files; a .jsonl line names its own fields')
+    if len(set(columns)) != len(columns) or not all(columns):
+      raise BitbertError(f'{path}: column names {list(columns)} must be distinct and non-empty')
   if ext == '.jsonl':
     cols = _read_jsonl(path, text_columns, label_column, label_names, regression)
   else:
     # TSVs in the wild (GLUE included) hold stray quotes; CSV needs quoting for commas.
     cols = _read_table(path, text_columns, label_column, label_names, regression,
                        delimiter='\t' if ext == '.tsv' else ',',
-                       quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL)
+                       quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL,
+                       headerless_names=columns)
   return datasets.Dataset.from_dict(cols, features=_features(text_columns, regression))
