@@ -2,10 +2,13 @@
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
+import socket
 import sys
+import urllib.parse
 from typing import Any, Iterator, Sequence
 
 import datasets
@@ -232,6 +235,25 @@ def load_split(task: 'str | tasks_lib.TaskSpec', split: str,
       out_fields=task.text_fields)
   return datasets.Dataset.from_dict(cols, features=_features(task.text_fields,
                                                              task.is_regression))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_offline() -> str | None:
+  """Why the Hugging Face hub cannot be used (offline flag set, or unreachable), else None.
+
+  Asked once per process, so an offline run says so once instead of retrying every file.
+  """
+  for var in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'):
+    if os.environ.get(var, '').strip().lower() in ('1', 'true', 'yes', 'on'):
+      return f'{var} is set'
+  if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+    return None  # only the proxy can tell; let the hub client try
+  url = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT') or 'https://huggingface.co')
+  try:
+    socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+  except OSError as e:
+    return f'{url.hostname} unreachable: {e.strerror or e}'
+  return None
 
 
 def _load_hub_split(task: tasks_lib.TaskSpec, split: str) -> datasets.Dataset:
