@@ -228,6 +228,7 @@ def _check_stage(config, name, before, data_parallel):
                ' (0: 4 x hidden_size)')
   if kind == 'general_kd':
     _check_int(s.get('steps_per_epoch') or 0, f'{field}.steps_per_epoch', 1)
+    _check_bool(s.get('wrap_corpus', True), f'{field}.wrap_corpus')
   if kind == 'quantize':
     _check_bits(config, s.get('bits'), f'{field}.bits')
   if kind == 'augment':
