@@ -28,7 +28,7 @@ from bitbert_jax.distill import losses
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
 from bitbert_jax.optim import make_optimizer
-from bitbert_jax.preempt import Preempted, preempt_requested, preemptible  # pylint: disable=unused-import
+from bitbert_jax.preempt import Preempted, preempt_requested, preemptible  # re-exported
 from bitbert_jax.train_state import init_variables
 
 log = logging.getLogger('bitbert_jax')

@@ -90,8 +90,9 @@ def runs(tmp_path_factory, minilm):
     os.symlink(os.path.join(ROOT, 'configs'), os.path.join(cwd, 'configs'))
     extra = {'GLUE_DIR': os.path.relpath(glue, cwd)} if name == 'glue' else {}
     log = open(os.path.join(cwd, 'log.txt'), 'w')
-    procs[name] = (cwd, log, subprocess.Popen(user_command(PIPELINES[name]), cwd=cwd, env={**env, **extra},
-                                              stdout=log, stderr=subprocess.STDOUT))
+    proc = subprocess.Popen(user_command(PIPELINES[name]), cwd=cwd, env={**env, **extra},
+                            stdout=log, stderr=subprocess.STDOUT)
+    procs[name] = (cwd, log, proc)
   out = {}
   for name, (cwd, log, proc) in procs.items():
     status = proc.wait(timeout=900)
