@@ -9,6 +9,7 @@ import pytest
 
 from bitbert_jax import data as data_lib
 from bitbert_jax import paths, pipeline, train
+from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from test_pipeline import load_config  # pylint: disable=g-bad-import-order
 
@@ -102,3 +103,24 @@ def test_sigterm_while_tokenizing_stops_cleanly_and_writes_nothing(tmp_path, tin
     run(c, workdir)
   assert tokenizers[0].calls == 2  # stopped at the next chunk, not after the split
   assert not os.path.exists(tmp_path / 'runs')  # left as it found it: nothing half-written
+
+
+def test_headerless_custom_task_by_column_names(tmp_path, minilm):
+  from bitbert_jax import validate  # pylint: disable=g-import-not-at-top
+  for split, rows in (('train', 'pos\tgreat\nneg\tdull\npos\tfine\n'), ('dev', 'neg\tbad\n')):
+    (tmp_path / f'{split}.tsv').write_text(rows)
+  c = load_config('xtc', 'preset=smoke')
+  c.task.train_file, c.task.dev_file = str(tmp_path / 'train.tsv'), str(tmp_path / 'dev.tsv')
+  c.task.columns, c.task.label_names = 'label,text', 'neg,pos'
+  validate.validate_config(c, 1)
+  task, data, _ = pipeline.load_task_data(c, minilm, str(tmp_path / 'sample'))
+  assert task.text_fields == ('text',)  # every column but the label
+  assert sorted(data.raw_train['label']) == [0, 1, 1] and len(data.dev['validation']) == 1
+  c.task.label_column = 'y'
+  with pytest.raises(BitbertError, match=r"config.task.label_column='y' is not among "
+                     r"config.task.columns='label,text'"):
+    validate.validate_config(c, 1)
+  c.task.label_column, c.task.text_columns = 'label', 'sentence'
+  with pytest.raises(BitbertError, match=r"config.task.text_columns='sentence': not among "
+                     r"config.task.columns='label,text'"):
+    validate.validate_config(c, 1)
