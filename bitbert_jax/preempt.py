@@ -43,6 +43,7 @@ def preemptible():
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
+    _PREEMPT.clear()  # a request is for this run only; later library calls start clean
 
 
 def preempt_requested():
