@@ -38,6 +38,7 @@ def base_config(args):
   c.task = ml_collections.ConfigDict(dict(
       name=args.get('task', 'mrpc'), glue_dir=os.environ.get('GLUE_DIR', ''),
       train_file='', dev_file='', text_columns='', label_column='label', label_names='',
+      columns='',  # a headerless TSV/CSV's column names in order, e.g. 'label,text'
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').
@@ -76,7 +77,8 @@ def stage(kind, **fields):
     # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width).
     base.update(num_layers=0, hidden_size=0, intermediate_size=0, init='random', layers=[])
   if kind == 'general_kd':
-    base.update(steps_per_epoch=1000, layers=[])
+    # wrap_corpus: a corpus shorter than an epoch starts its next pass (False: an error).
+    base.update(steps_per_epoch=1000, layers=[], wrap_corpus=True)
   if kind == 'reduce_layers':
     base.update(num_layers=0, layers=[])
   if kind == 'quantize':

@@ -45,6 +45,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from bitbert_jax import paths
+from bitbert_jax import preempt
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.bert import init_params
@@ -196,6 +198,7 @@ def packed_tensors(config, params, policy, float_dtype='float16', model_state=No
   summed = _split_biases(flat, policy)
   tensors, records = {}, {}
   for path in sorted(flat):
+    preempt.check('export')  # packing BERT-base takes a while on CPU
     value = flat[path]
     quant = policy.weight_quant(path)
     if quant is None:
@@ -381,6 +384,7 @@ def pack(config, params, policy, out_dir, tokenizer_dir=None, float_dtype='float
         'tensors': records,
     }
     _write_json(os.path.join(tmp, MANIFEST), manifest)
+    preempt.check('export')  # the last moment to stop with nothing half-written
     _commit_dir(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -612,6 +616,8 @@ def main(argv=None):
                       help='also write the dequantized student as a Hugging Face directory here')
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
+  for name in ('checkpoint', 'out', 'tokenizer_dir', 'hf_out'):  # Orbax needs absolute paths
+    setattr(args, name, paths.absolute(getattr(args, name)))
   try:
     if args.format == 'onnx':
       from bitbert_jax import onnx_export  # pylint: disable=g-import-not-at-top

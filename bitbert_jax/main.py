@@ -33,14 +33,19 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def run(config, workdir):
   """Runs a config in a workdir (locked against a second run); returns results.json's dict.
 
+  Relative paths (the workdir, and every path in the config) are taken from the current
+  directory, once, here; config.json records them absolute.
+
   The config is validated before anything is written, and data and checkpoints are loaded and
   checked before config.json is: a run that fails there (BitbertError) leaves the workdir as it
   found it. Re-running on a workdir resumes it; SIGTERM raises train.Preempted after a
   checkpoint.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import pipeline, train, validate  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import paths, pipeline, train, validate  # pylint: disable=g-import-not-at-top
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
+  paths.absolute_config(config)
   if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('TPU_WORKER_HOSTNAMES'):
     jax.distributed.initialize()  # a pod launch: every host runs this same command
   validate.validate_config(config, jax.device_count())

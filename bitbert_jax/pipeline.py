@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
+from bitbert_jax import paths
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
@@ -69,35 +70,60 @@ def pipeline_stages(config):
 SAMPLE_GLUE = 'sample'  # config.task.glue_dir value that selects the generated offline sample
 
 
+SHIPPED_DIR = os.path.join(os.path.dirname(data_lib.__file__), 'sentiment')
+SHIPPED = 'shipped:sentiment'  # results.json's "data" for the real set inside the package
+
+
 def _glue_splits(task, glue_dir, sample_dir):
-  """(train, {dev split: data}, source): glue_dir TSVs, else the hub, else the offline sample."""
-  if glue_dir != SAMPLE_GLUE:
+  """(train, {dev split: data}, source) from glue_dir's TSVs, the hub, or the generated sample
+  (glue_dir 'sample'); None when GLUE is in no glue_dir and the hub cannot be reached."""
+  if glue_dir == SAMPLE_GLUE:
+    data_lib.write_sample_glue(sample_dir, tasks=(task.name,))
+    load = lambda s: data_lib.load_split(task, s, sample_dir)
+    return load('train'), {s: load(s) for s in task.dev_splits}, 'sample'
+  why = None if glue_dir else data_lib.hub_offline()
+  if why is None:
     try:
       load = lambda s: data_lib.load_split(task, s, glue_dir or None)
       return load('train'), {s: load(s) for s in task.dev_splits}, glue_dir or 'hub'
     except BitbertError as e:
       if glue_dir:  # a bad local GLUE folder is the user's to fix, never papered over
         raise
-      log.warning('task %s: GLUE not on the hub (%s); using the GENERATED offline sample in '
-                  '%s -- its scores say nothing about GLUE; set config.task.glue_dir or '
-                  'GLUE_DIR for real data', task.name, e, sample_dir)
-  data_lib.write_sample_glue(sample_dir, tasks=(task.name,))
-  load = lambda s: data_lib.load_split(task, s, sample_dir)
-  return load('train'), {s: load(s) for s in task.dev_splits}, 'sample'
+      why = ' '.join(str(e).split())
+  log.warning('task %s: no GLUE_DIR and the Hugging Face hub is unreachable (%s); training on '
+              'the REAL labelled set shipped in the package instead: task sentiment, 3,000 '
+              'review sentences, CC BY 4.0 (%s); set GLUE_DIR for %s, or config.task.glue_dir='
+              'sample for the generated sample', task.name, why,
+              os.path.join(SHIPPED_DIR, 'SOURCE.md'), task.name)
+  return None
+
+
+def shipped_task():
+  """(task, train, {dev split: data}): the real labelled set inside the package (SOURCE.md)."""
+  task = data_lib.custom_task('sentiment', ('sentence',), ('negative', 'positive'))
+  load = lambda name: data_lib.load_custom_split(
+      os.path.join(SHIPPED_DIR, name), task.text_fields, 'label', task.label_names,
+      columns=('sentence', 'label'))
+  return task, load('train.tsv'), {'validation': load('dev.tsv')}
 
 
 def load_task_data(config, tokenizer_dir, sample_dir):
   """(task, TaskData, source): source says where the data came from (a dir, hub, sample)."""
   t = config.task
   if t.train_file:
-    task = data_lib.custom_task(t.name, tuple(t.text_columns.split(',')),
+    task = data_lib.custom_task(t.name, validate.text_columns(t),
                                 tuple(t.label_names.split(',')) if t.label_names else None)
     load = lambda path: data_lib.load_custom_split(path, task.text_fields, t.label_column,
-                                                   task.label_names, task.is_regression)
+                                                   task.label_names, task.is_regression,
+                                                   columns=validate.file_columns(t))
     train, devs, source = load(t.train_file), {'validation': load(t.dev_file)}, t.train_file
   else:
     task = data_lib.get_task(t.name)
-    train, devs, source = _glue_splits(task, t.glue_dir, sample_dir)
+    found = _glue_splits(task, t.glue_dir, sample_dir)
+    if found is None:
+      (task, train, devs), source = shipped_task(), SHIPPED
+    else:
+      train, devs, source = found
   tok = data_lib.load_tokenizer(tokenizer_dir)
   cut = lambda ds, n: ds.select(range(min(n, len(ds)))) if n and n > 0 else ds
   if t.max_train_examples > 0:
@@ -242,6 +268,8 @@ def _changed_fields(old, new, prefix='config'):
 
 def run(config, workdir):
   """Runs the pipeline; returns (results, final state, tokenizer dir); results.json too."""
+  workdir = paths.absolute(workdir)
+  paths.absolute_config(config)
   inputs = prepare(config, workdir)
   if jax.process_index() == 0:
     write_config(config, workdir)
@@ -318,7 +346,12 @@ def _execute(config, workdir, inputs, writer):
       t0 = time.time()
       if stage_cfg.kind == 'finetune':
         state = new_state(pretrained.config, pretrained.params)
-      state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
+      try:
+        state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
+      except train_lib.Preempted as e:
+        if e.stage is not None:
+          raise
+        raise train_lib.Preempted(name, 0, e.during) from None  # before its first step
       student_layers = ctx.student_layers
       info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
               'student_layers': list(student_layers) if student_layers else None}
@@ -358,6 +391,25 @@ def _export_hf(out_dir, teacher, tokenizer_dir):
                           tokenizer_dir=tokenizer_dir)
 
 
+@dataclasses.dataclass
+class Corpus:
+  """General KD's text: `corpus(batch_size, epoch, repeat)` streams pass `repeat` of an epoch."""
+  sources: list
+  tokenizer: object
+  max_length: int
+  seed: int
+
+  @property
+  def name(self):
+    return ','.join(self.sources)
+
+  def __call__(self, batch_size, epoch, repeat=0):
+    return data_lib.corpus_batches(
+        self.sources, self.tokenizer, self.max_length, batch_size, seed=self.seed, epoch=epoch,
+        repeat=repeat, drop_remainder=True, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+
 def _corpus_fn(config, tokenizer, workdir):
   sources = [s for s in config.corpus.split(',') if s]
   if not sources:
@@ -366,6 +418,4 @@ def _corpus_fn(config, tokenizer, workdir):
     log.warning('config.corpus=sample: general KD runs on GENERATED text; set CORPUS_DIR or '
                 'config.corpus to real text (e.g. Wikipedia) for a useful student')
     sources = [data_lib.write_sample_corpus(os.path.join(workdir, 'sample_corpus', 'corpus.txt'))]
-  return lambda batch_size, epoch: data_lib.corpus_batches(
-      sources, tokenizer, config.task.max_length, batch_size, seed=config.seed, epoch=epoch,
-      drop_remainder=True, process_index=jax.process_index(), process_count=jax.process_count())
+  return Corpus(sources, tokenizer, config.task.max_length, config.seed)

@@ -24,6 +24,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from bitbert_jax import export
+from bitbert_jax import paths
 from bitbert_serve import textio
 from bitbert_jax.packed import format as packed_format
 from bitbert_jax.errors import BitbertError
@@ -276,6 +277,9 @@ def main(argv=None):
   parser.add_argument('--max_length', type=int, default=128)
   parser.add_argument('--logits', action='store_true', help='also print the logits')
   args = parser.parse_args(argv)
+  args.model = paths.absolute(args.model)
+  if args.input != '-':
+    args.input = paths.absolute(args.input)
   try:
     cols = args.text_columns
     if cols and len(cols) == 1 and ',' in cols[0]:

@@ -6,11 +6,10 @@ step, evaluate, checkpoint, resume and report.
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
-import signal
-import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -21,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import logs
+from bitbert_jax import preempt
 from bitbert_jax import sharding
 from bitbert_jax import signals as signals_lib
 from bitbert_jax.data import batching
@@ -29,6 +29,7 @@ from bitbert_jax.distill import losses
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
 from bitbert_jax.optim import make_optimizer
+from bitbert_jax.preempt import Preempted, preempt_requested, preemptible  # re-exported
 from bitbert_jax.train_state import init_variables
 
 log = logging.getLogger('bitbert_jax')
@@ -37,48 +38,6 @@ BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels', 'weight
 
 class NonFiniteError(BitbertError):
   """A NaN or infinite loss or gradient norm."""
-
-
-class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was written and the run should exit cleanly."""
-
-  def __init__(self, stage, step):
-    super().__init__(f'preempted at stage {stage} step {step}; re-run the same command to '
-                     'resume')
-    self.stage, self.step = stage, step
-
-
-_PREEMPT = threading.Event()
-
-
-def _on_sigterm(signum, frame):
-  del signum, frame
-  _PREEMPT.set()  # acted on at the next safe point: after a step, or between stages
-
-
-@contextlib.contextmanager
-def preemptible():
-  """While active, SIGTERM sets a flag (`preempt_requested`) instead of killing the process.
-
-  Nested uses share the outermost handler; outside the main thread it does nothing.
-  """
-  if not _main_thread() or signal.getsignal(signal.SIGTERM) is _on_sigterm:
-    yield
-    return
-  _PREEMPT.clear()
-  previous = signal.signal(signal.SIGTERM, _on_sigterm)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-def preempt_requested():
-  """True once SIGTERM arrived (on any host: all hosts must stop at the same step)."""
-  flag = _PREEMPT.is_set()
-  if jax.process_count() > 1:
-    flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-  return flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +85,51 @@ class TaskBatches:
 
 @dataclasses.dataclass
 class StreamBatches:
-  """An unlabelled stream (general-KD corpus): `make(epoch)` restarts it deterministically."""
-  make: Callable[[int], Iterator[dict]]
+  """An unlabelled stream (general-KD corpus) cut into epochs of `batches_per_epoch` batches.
+
+  `make(epoch, repeat)` restarts pass `repeat` of the stream for an epoch deterministically
+  (its StopIteration value, if any, counts the stream's sequences). A stream shorter than an
+  epoch starts its next pass when `wrap`, else stops with an error naming `name`; so an epoch
+  is a pure function of its number and resumes at any batch.
+  """
+  make: Callable[[int, int], Iterator[dict]]
   batches_per_epoch: int
+  batch_size: int = 0
+  name: str = 'corpus'
+  field: str = 'config'
+  wrap: bool = True
 
   def steps_per_epoch(self):
     return self.batches_per_epoch
 
   def epoch(self, epoch, start=0):
-    it = self.make(epoch)
-    for _ in range(start):  # resume: the stream is a pure function of (seed, epoch)
-      next(it)
-    return it
+    # resume: skipping `start` batches replays the same pure function of (seed, epoch, pass)
+    return itertools.islice(self._passes(epoch), start, self.batches_per_epoch)
+
+  def _passes(self, epoch):
+    for repeat in itertools.count():
+      it, yielded = self.make(epoch, repeat), 0
+      while True:
+        try:
+          batch = next(it)
+        except StopIteration as stop:
+          sequences = stop.value
+          break
+        yielded += 1
+        yield batch
+      if not yielded or not self.wrap:
+        raise BitbertError(self._short(sequences, yielded))
+
+  def _short(self, sequences, yielded):
+    held = f'{sequences} sequences' if isinstance(sequences, int) else f'{yielded} batches'
+    wanted = f'{self.batches_per_epoch} batches of {self.batch_size}'
+    if not yielded:
+      return (f'{self.field}: corpus {self.name} holds {held}, fewer than one batch of '
+              f'{self.batch_size}; give more text or lower {self.field}.batch_size')
+    return (f'{self.field}: corpus {self.name} holds {held}; the stage asks for {wanted} '
+            f'(= {self.batches_per_epoch * self.batch_size} sequences) per epoch; set '
+            f'{self.field}.wrap_corpus=True to start its next pass, or lower '
+            f'{self.field}.steps_per_epoch')
 
 
 @dataclasses.dataclass
@@ -317,6 +309,7 @@ def predict(model, params, model_state, encoded, batch_size, mesh):
   out = np.zeros((len(encoded), model.config.num_labels), np.float32)
   for batch in batching.eval_batches(encoded, batch_size, process_index=jax.process_index(),
                                      process_count=jax.process_count()):
+    preempt.check('evaluation')
     batch_in = device_batch(mesh, batch)
     batch_in.setdefault('labels', batch_in['weights'])  # eval batches need no labels
     logits = np.asarray(step(params, model_state, batch_in))  # replicated: every host has all
@@ -534,48 +527,70 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   can_eval = task is not None and dev_sets and state.model_config.num_labels > 0
   accum = settings.grad_accum_steps
 
-  def save(step):
+  def save(step, pending_eval=False):
     meta = {'step': step, 'best': best, 'last_evals': last_evals,
             'nonfinite_skipped': nonfinite_skipped, 'fingerprint': fingerprint,
-            'signs': bool(signs)}
+            'signs': bool(signs), 'pending_eval': pending_eval}
     # Without a best yet, the current params fill the slot (same structure, never used).
     tree = {'state': state, 'best_params': best_params or (state.params, state.model_state)}
     ckpts.save(step, dict(tree, signs=signs.refs) if signs else tree, meta)
 
-  step = start
-  while step < total:
-    epoch, index = divmod(step, steps_per_epoch)
-    for batch in batches.epoch(epoch, index):
-      state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
-      step += 1
-      if float(m['nonfinite']):
-        if not settings.skip_nonfinite:
-          _nonfinite_error(name, step, m, ckpts, writer, settings)
-        nonfinite_skipped += 1
-      if step % settings.log_every == 0 or step == total:
-        m = {k: float(v) for k, v in m.items()}
-        m.update({k: float(f((step - 1) // accum)) for k, f in schedule.items()},
-                 nonfinite_skipped=nonfinite_skipped)
-        if signs:
-          m.update(signs.log(state.params))
-        writer.write(name, step, m)
-        log.info(progress.line(step, _console(m)))
-      if can_eval and (step % eval_every == 0 or step == total):
-        evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                         settings.batch_size, mesh)
-        writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
-        log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
-        last_evals = evals
-        if best['score'] is None or evals['score'] > best['score']:
-          best = {'score': float(evals['score']), 'step': step, 'evals': evals}
-          best_params = jax.device_get((state.params, state.model_state))
-      preempted = preempt_requested()
-      if ckpts.due(step) or preempted:
-        save(step)
-      if preempted:
-        raise Preempted(name, step)
-      if step >= total:
-        break
+  def dev_eval(step):
+    nonlocal best, best_params, last_evals
+    evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
+                     settings.batch_size, mesh)
+    writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
+    log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
+    last_evals = evals
+    if best['score'] is None or evals['score'] > best['score']:
+      best = {'score': float(evals['score']), 'step': step, 'evals': evals}
+      best_params = jax.device_get((state.params, state.model_state))
+
+  step, evaluating = start, False
+  try:
+    if restored is not None and restored[1].get('pending_eval'):
+      evaluating = True  # SIGTERM came during this step's evaluation: it runs now instead
+      dev_eval(step)
+      evaluating = False
+    while step < total:
+      epoch, index = divmod(step, steps_per_epoch)
+      taken = 0
+      for batch in batches.epoch(epoch, index):
+        taken += 1
+        state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
+        step += 1
+        if float(m['nonfinite']):
+          if not settings.skip_nonfinite:
+            _nonfinite_error(name, step, m, ckpts, writer, settings)
+          nonfinite_skipped += 1
+        if step % settings.log_every == 0 or step == total:
+          m = {k: float(v) for k, v in m.items()}
+          m.update({k: float(f((step - 1) // accum)) for k, f in schedule.items()},
+                   nonfinite_skipped=nonfinite_skipped)
+          if signs:
+            m.update(signs.log(state.params))
+          writer.write(name, step, m)
+          log.info(progress.line(step, _console(m)))
+        if can_eval and (step % eval_every == 0 or step == total):
+          evaluating = True
+          dev_eval(step)
+          evaluating = False
+        preempted = preempt_requested()
+        if ckpts.due(step) or preempted:
+          save(step)
+        if preempted:
+          raise Preempted(name, step)
+        if step >= total:
+          break
+      if not taken:  # a data source that runs dry would otherwise loop here for ever
+        raise BitbertError(f'stage {name!r}: epoch {epoch} gave no batch at step {step} (from '
+                           f'batch {index} of {steps_per_epoch} per epoch): its data ran out; '
+                           f'lower {settings.field}.steps_per_epoch or give more data')
+  except Preempted as e:
+    if e.stage is not None:  # raised above, after its checkpoint
+      raise
+    save(step, pending_eval=evaluating)  # SIGTERM in a data phase or an evaluation
+    raise Preempted(name, step, e.during) from None
   save(step)
 
   if settings.keep_best and best_params is not None:
@@ -633,7 +648,3 @@ def report_step_memory(step_fn, state, batches, mesh, teacher_params, name):
            ', '.join(f'{k} {v:.1f}' for k, v in report.items()))
   return report
 
-
-def _main_thread():
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()

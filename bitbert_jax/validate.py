@@ -9,6 +9,7 @@ import math
 import numbers
 import os
 
+from bitbert_jax import paths
 from bitbert_jax.errors import BitbertError
 
 TRAINING_KINDS = ('finetune', 'general_kd', 'task_kd')
@@ -129,7 +130,20 @@ def _check_custom_task(t):
       where = f'files in {parent}: {listing}' if listing is not None else \
           f'folder {parent} does not exist'
       raise BitbertError(f'config.task.{field}={path!r}: no such file; {where}')
-  columns = tuple(c.strip() for c in str(t.text_columns).split(',') if c.strip())
+  named = file_columns(t)
+  if named is not None:
+    if len(set(named)) != len(named):
+      raise BitbertError(f'config.task.columns={t.columns!r}: column names must be distinct')
+    if t.train_file.lower().endswith('.jsonl') or t.dev_file.lower().endswith('.jsonl'):
+      raise BitbertError(f'config.task.columns={t.columns!r}: names the columns of headerless '
+                         '.tsv/.csv files; a .jsonl line names its own fields')
+    if t.label_column not in named:
+      raise BitbertError(f'config.task.label_column={t.label_column!r} is not among '
+                         f'config.task.columns={t.columns!r}')
+  columns = text_columns(t)
+  if named is not None and not set(columns) <= set(named):
+    raise BitbertError(f'config.task.text_columns={t.text_columns!r}: not among '
+                       f'config.task.columns={t.columns!r}')
   if len(columns) not in (1, 2):
     raise BitbertError(f'config.task.text_columns={t.text_columns!r}: name one or two text '
                        'columns, comma-separated (e.g. "sentence1,sentence2")')
@@ -138,6 +152,21 @@ def _check_custom_task(t):
     data_lib.custom_task(t.name, columns, labels)
   except BitbertError as e:
     raise BitbertError(f'config.task: {e}') from None
+
+
+def file_columns(t):
+  """config.task.columns as a tuple (a headerless file's column names), or None (a header)."""
+  names = tuple(c.strip() for c in str(t.get('columns') or '').split(','))
+  return names if any(names) else None
+
+
+def text_columns(t):
+  """config.task.text_columns; with config.task.columns and none given, all but the label."""
+  named = file_columns(t)
+  given = tuple(c.strip() for c in str(t.text_columns).split(',') if c.strip())
+  if not given and named is not None:
+    return tuple(c for c in named if c != t.label_column)
+  return given
 
 
 def _check_optim(o):
@@ -205,6 +234,7 @@ def _check_stage(config, name, before, data_parallel):
                ' (0: 4 x hidden_size)')
   if kind == 'general_kd':
     _check_int(s.get('steps_per_epoch') or 0, f'{field}.steps_per_epoch', 1)
+    _check_bool(s.get('wrap_corpus', True), f'{field}.wrap_corpus')
   if kind == 'quantize':
     _check_bits(config, s.get('bits'), f'{field}.bits')
   if kind == 'augment':
@@ -312,16 +342,11 @@ def _check_paths(config, names):
     check_corpus(config.corpus)
 
 
-def _looks_local(path):
-  return (os.path.exists(path) or os.path.isabs(path) or path.startswith(('.', '~'))
-          or path.count('/') > 1)
-
-
 def _check_checkpoint_dir(path, field):
   if not path:
     raise BitbertError(f'{field} is empty; valid: a Hugging Face BERT dir (config.json + '
                        'model.safetensors), a hub id, or \'minilm\'')
-  if path == 'minilm' or not _looks_local(path):
+  if path == 'minilm' or not paths.looks_local(path):
     return  # the packaged MiniLM, or a hub id: checked when loaded
   if not os.path.isdir(path):
     raise BitbertError(f'{field}={path!r}: no such checkpoint directory; valid: a Hugging Face '

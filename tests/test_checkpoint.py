@@ -292,3 +292,38 @@ def test_metrics_rewind_drops_the_resumed_stages_later_rows(tmp_path):
   assert [(r['stage'], r['step']) for r in rows] == [('finetune', 4), ('finetune', 8),
                                                      ('kd', 4), ('kd', 8)]
   writer.close()
+
+
+def test_sigterm_during_an_evaluation_checkpoints_and_redoes_it_on_resume(clean_run, tmp_path,
+                                                                          monkeypatch):
+  """The evaluation at step 4 is cut short by SIGTERM: the checkpoint at step 4 says so, and the
+  resumed run evaluates step 4 before stepping on, ending equal to an uninterrupted run."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import preempt  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  batches = Batches()
+  done = fake_evaluate(batches)
+  evaluated = []
+
+  def evaluate(*args):
+    if batches.step == 4 and 'resume' not in evaluated:
+      signal.raise_signal(signal.SIGTERM)
+      preempt.check('evaluation')  # as train.predict does between eval batches
+    evaluated.append(batches.step)
+    return done(*args)
+  monkeypatch.setattr(train, 'evaluate', evaluate)
+  with pytest.raises(train.Preempted, match=r'^preempted at stage tiny step 4 during evaluation'):
+    tiny_train(workdir, batches, eval_every=2)
+  ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'))
+  try:
+    assert ckpts.all_steps()[-1] == 4
+    meta = ckpts._manager.restore(4).meta  # pylint: disable=protected-access
+  finally:
+    ckpts.close()
+  assert meta['pending_eval'] is True and meta['last_evals']['score'] == -2.0
+  evaluated.append('resume')
+  state, evals = tiny_train(workdir, batches, eval_every=2)
+  assert evaluated == [2, 'resume', 4, 6, 8, 10, 12]
+  clean_state, clean_evals = clean_run
+  assert evals == clean_evals
+  assert_trees_equal(state.params, clean_state.params)

@@ -234,3 +234,55 @@ def test_hub_path_mocked(monkeypatch):
   monkeypatch.setattr(datasets, 'load_dataset', failing_load)
   with pytest.raises(BitbertError, match='glue_dir'):
     glue.load_split('rte', 'train')
+
+
+def test_headerless_tsv_and_csv_read_with_named_columns(tmp_path):
+  tsv = _write(tmp_path / 'd.tsv', 'pos\tgreat film\nneg\tdull\n')
+  ds = glue.load_custom_split(tsv, 'text', 'label', label_names=['neg', 'pos'],
+                              columns=('label', 'text'))
+  assert ds['text'] == ['great film', 'dull'] and ds['label'] == [1, 0]  # no row lost to a header
+  csv_path = _write(tmp_path / 'd.csv', '1,"a, b",c\n0,d,e\n')
+  ds = glue.load_custom_split(csv_path, ['s1', 's2'], 'y', columns=['y', 's1', 's2'])
+  assert ds['s1'] == ['a, b', 'd'] and ds['label'] == [1, 0]
+
+
+def test_headerless_errors_name_file_line_and_columns(tmp_path):
+  tsv = _write(tmp_path / 'd.tsv', '1\tgood\n0\tbad\textra\n')
+  with pytest.raises(BitbertError, match=r"d.tsv:2: expected 2 tab/comma-separated columns "
+                     r"\['label', 'text'\], got 3"):
+    glue.load_custom_split(tsv, 'text', 'label', columns=('label', 'text'))
+  with pytest.raises(BitbertError, match=r"d.tsv: no text column 'sentence' among the columns "
+                     r"given for this headerless file: \['label', 'text'\]"):
+    glue.load_custom_split(tsv, 'sentence', 'label', columns=('label', 'text'))
+  with pytest.raises(BitbertError, match=r"d.tsv: column names \['text', 'text'\] must be "
+                     'distinct'):
+    glue.load_custom_split(tsv, 'text', 'label', columns=('text', 'text'))
+  jsonl = _write(tmp_path / 'd.jsonl', '{"text": "a", "label": 0}\n')
+  with pytest.raises(BitbertError, match=r'd.jsonl: column names .* are for headerless'):
+    glue.load_custom_split(jsonl, 'text', 'label', columns=('label', 'text'))
+  bad = _write(tmp_path / 'b.tsv', '1\tgood\n7\tbad\n')
+  with pytest.raises(BitbertError, match=r"b.tsv:2: bad label '7'"):
+    glue.load_custom_split(bad, 'text', 'label', label_names=('neg', 'pos'),
+                           columns=('label', 'text'))
+
+
+def test_hub_offline_is_decided_once(monkeypatch):
+  for var in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE', 'HTTPS_PROXY', 'https_proxy',
+              'ALL_PROXY', 'all_proxy', 'HF_ENDPOINT'):
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+
+  def unreachable(address, timeout):
+    calls.append((address, timeout))
+    raise OSError(101, 'Network is unreachable')
+  monkeypatch.setattr(glue.socket, 'create_connection', unreachable)
+  glue.hub_offline.cache_clear()
+  try:
+    assert glue.hub_offline() == 'huggingface.co unreachable: Network is unreachable'
+    assert glue.hub_offline() == 'huggingface.co unreachable: Network is unreachable'
+    assert calls == [(('huggingface.co', 443), 3)]  # asked once, with a short timeout
+    glue.hub_offline.cache_clear()
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    assert glue.hub_offline() == 'HF_HUB_OFFLINE is set' and len(calls) == 1
+  finally:
+    glue.hub_offline.cache_clear()

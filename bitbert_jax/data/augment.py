@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import datasets
 import numpy as np
 
+from bitbert_jax import preempt
 from bitbert_jax.data import tasks as tasks_lib
 from bitbert_jax.data import tokenize as tokenize_lib
 from bitbert_jax.errors import BitbertError
@@ -150,6 +151,7 @@ def _mlm_candidates(parsed, tokenizer, mlm_fn, single, candidates):
   specials = set(tokenizer.all_special_ids)
   out = {}
   for start in range(0, len(jobs), _MLM_BATCH):
+    preempt.check('augmentation')
     ids = tokenizer(masked[start:start + _MLM_BATCH], truncation=True,
                     max_length=_MLM_MAX_LENGTH, return_attention_mask=False,
                     return_token_type_ids=False)['input_ids']
@@ -207,6 +209,7 @@ def augment_texts(texts: Sequence[str], tokenizer, mlm_fn: MlmFn | None,
                           candidates)
   out = []
   for t, (text, (pieces, words)) in enumerate(zip(texts, parsed)):
+    preempt.check('augmentation')
     cands = [mlm.get((t, j)) or list(neighbours.get(w.lower(), ()))[:candidates]
              for j, w in enumerate(words)]
     n = np.array([len(c) for c in cands], np.int64)

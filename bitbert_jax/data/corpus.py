@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import transformers
 
+from bitbert_jax import preempt
 from bitbert_jax.errors import BitbertError
 
 # Tokenize this many lines per fast-tokenizer call (amortises the Python overhead).
@@ -138,6 +139,7 @@ def corpus_batches(paths_or_hub: 'str | Sequence[str]',
                    tokenizer: transformers.PreTrainedTokenizerBase, max_length: int,
                    batch_size: int, seed: int = 0, epoch: int = 0,
                    shuffle_buffer: int = 10_000, drop_remainder: bool = False,
+                   repeat: int = 0,
                    process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Streams packed sequences from text files / hub columns as fixed-shape batches.
@@ -150,14 +152,16 @@ def corpus_batches(paths_or_hub: 'str | Sequence[str]',
     tokenizer: fast BERT tokenizer.
     max_length: sequence length S, [CLS] and [SEP] included.
     batch_size: global batch size B (divisible by process_count).
-    seed, epoch: the shuffle is a pure function of both.
+    seed, epoch, repeat: the shuffle is a pure function of the three (`repeat` numbers the
+      passes over a corpus shorter than an epoch; pass 0 shuffles as (seed, epoch) alone).
     shuffle_buffer: sequences held for the streaming shuffle (<= 1: corpus order).
     drop_remainder: drop the last partial batch (else padded with weight-0 rows).
     process_index, process_count: multi-host row sharding.
 
   Returns:
     Iterator of dicts: input_ids, attention_mask, token_type_ids (int32 [B/P, S], types all
-    0), labels (int32 [B/P] zeros), weights (float32 [B/P], 0 for padding rows).
+    0), labels (int32 [B/P] zeros), weights (float32 [B/P], 0 for padding rows). Its return
+    value (StopIteration.value) is the number of packed sequences in the whole stream.
   """
   if not isinstance(max_length, int) or max_length < 3:
     raise BitbertError(f'max_length={max_length!r}: need an int >= 3')
@@ -167,8 +171,8 @@ def corpus_batches(paths_or_hub: 'str | Sequence[str]',
   if not 0 <= process_index < process_count:
     raise BitbertError(f'process_index={process_index}: need 0 <= index < {process_count}')
   sources = _resolve_sources(paths_or_hub)
-  return _batches(sources, tokenizer, max_length, batch_size, seed, epoch, shuffle_buffer,
-                  drop_remainder, process_index, process_count)
+  return _batches(sources, tokenizer, max_length, batch_size, (seed, epoch, repeat),
+                  shuffle_buffer, drop_remainder, process_index, process_count)
 
 
 def _token_lines(sources: list['str | HubSource'],
@@ -183,6 +187,7 @@ def _token_lines(sources: list['str | HubSource'],
     for line in lines:
       chunk.append(line)
       if len(chunk) == _LINES_PER_CALL:
+        preempt.check('corpus streaming')  # a big corpus takes minutes to stream or skip
         yield from flush(chunk)
         chunk = []
     if chunk:
@@ -205,16 +210,17 @@ def _shuffled(items: Iterator[list[int]], buffer: int,
     yield pool[i]
 
 
-def _batches(sources, tokenizer, max_length, batch_size, seed, epoch, shuffle_buffer,
+def _batches(sources, tokenizer, max_length, batch_size, shuffle_key, shuffle_buffer,
              drop_remainder, process_index, process_count):
   cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-  rng = np.random.default_rng((seed, epoch))
+  seed, epoch, repeat = shuffle_key
+  rng = np.random.default_rng((seed, epoch) if not repeat else (seed, epoch, repeat))
   seqs = _shuffled(pack_sequences(_token_lines(sources, tokenizer), max_length - 2),
                    shuffle_buffer, rng)
   local = batch_size // process_count
   lo = process_index * local
   rows: list[list[int]] = []
-  produced = False
+  produced = 0
 
   def emit(rows):
     ids = np.full((local, max_length), pad, np.int32)
@@ -230,7 +236,7 @@ def _batches(sources, tokenizer, max_length, batch_size, seed, epoch, shuffle_bu
             'weights': weights}
 
   for seq in seqs:
-    produced = True
+    produced += 1
     rows.append(seq)
     if len(rows) == batch_size:
       yield emit(rows)
@@ -241,3 +247,4 @@ def _batches(sources, tokenizer, max_length, batch_size, seed, epoch, shuffle_bu
                        '= headings =)')
   if rows and not drop_remainder:
     yield emit(rows)
+  return produced

@@ -2,10 +2,13 @@
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
+import socket
 import sys
+import urllib.parse
 from typing import Any, Iterator, Sequence
 
 import datasets
@@ -122,10 +125,14 @@ def _read_rows(path: str, delimiter: str, quoting: int) -> Iterator[tuple[int, l
       raise BitbertError(f'{path}:{reader.line_num}: malformed row ({e})') from None
 
 
-def _column_index(path: str, header: list[str], column: str | int, what: str) -> int:
+def _column_index(path: str, header: list[str], column: str | int, what: str,
+                  named: bool = False) -> int:
   if isinstance(column, int):
     return column % len(header)
   if column not in header:
+    if named:  # a headerless file: the names came from the caller (config.task.columns)
+      raise BitbertError(f'{path}: no {what} column {column!r} among the columns given for '
+                         f'this headerless file: {header}')
     raise BitbertError(f'{path}:1: header has no {what} column {column!r}; '
                        f'header columns: {header}')
   return header.index(column)
@@ -145,10 +152,11 @@ def _read_table(path: str, text_columns: Sequence[str], label_column: str | int 
     header = [h.strip() for h in first[1]]
   else:
     header = list(headerless_names)
-  text_idx = [_column_index(path, header, c, 'text') for c in text_columns]
+  named = headerless_names is not None
+  text_idx = [_column_index(path, header, c, 'text', named) for c in text_columns]
   label_idx = None
   if label_column is not None:
-    label_idx = _column_index(path, header, label_column, 'label')
+    label_idx = _column_index(path, header, label_column, 'label', named)
   cols = {f: [] for f in out_fields}
   labels = []
   for line, row in rows:
@@ -229,6 +237,25 @@ def load_split(task: 'str | tasks_lib.TaskSpec', split: str,
                                                              task.is_regression))
 
 
+@functools.lru_cache(maxsize=1)
+def hub_offline() -> str | None:
+  """Why the Hugging Face hub cannot be used (offline flag set, or unreachable), else None.
+
+  Asked once per process, so an offline run says so once instead of retrying every file.
+  """
+  for var in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'):
+    if os.environ.get(var, '').strip().lower() in ('1', 'true', 'yes', 'on'):
+      return f'{var} is set'
+  if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')):
+    return None  # only the proxy can tell; let the hub client try
+  url = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT') or 'https://huggingface.co')
+  try:
+    socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+  except OSError as e:
+    return f'{url.hostname} unreachable: {e.strerror or e}'
+  return None
+
+
 def _load_hub_split(task: tasks_lib.TaskSpec, split: str) -> datasets.Dataset:
   """`nyu-mll/glue` already uses our field names; keep them plus a cast 'label'."""
   try:
@@ -292,8 +319,9 @@ def _read_jsonl(path: str, text_columns: Sequence[str], label_column: str | None
 def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
                       label_column: str | None,
                       label_names: Sequence[str] | None = None,
-                      regression: bool = False) -> datasets.Dataset:
-  """Loads a user split from .tsv/.csv (with header) or .jsonl (one object per line).
+                      regression: bool = False,
+                      columns: Sequence[str] | None = None) -> datasets.Dataset:
+  """Loads a user split from .tsv/.csv (with a header, or `columns`) or .jsonl (an object a line).
 
   Args:
     path: data file; the format comes from the extension.
@@ -302,6 +330,8 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
     label_names: class names; labels may be these names or integer indices. None (and
       `regression=False`) accepts any non-negative integer index.
     regression: labels are floats.
+    columns: names of a headerless .tsv/.csv file's columns, in order (e.g. ('label', 'text'));
+      None: its first row is the header.
 
   Returns:
     Dataset with columns `text_columns` (string) and 'label' (int64, or float32 if regression).
@@ -320,11 +350,19 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
     raise BitbertError(f'{path}: unsupported extension {ext!r}; valid: .tsv, .csv, .jsonl')
   if not os.path.isfile(path):
     raise _missing_file_error(os.path.abspath(path), 'custom')
+  if columns is not None:
+    columns = tuple(columns)
+    if ext == '.jsonl':
+      raise BitbertError(f'{path}: column names {list(columns)} are for headerless .tsv/.csv '
+                         'files; a .jsonl line names its own fields')
+    if len(set(columns)) != len(columns) or not all(columns):
+      raise BitbertError(f'{path}: column names {list(columns)} must be distinct and non-empty')
   if ext == '.jsonl':
     cols = _read_jsonl(path, text_columns, label_column, label_names, regression)
   else:
     # TSVs in the wild (GLUE included) hold stray quotes; CSV needs quoting for commas.
     cols = _read_table(path, text_columns, label_column, label_names, regression,
                        delimiter='\t' if ext == '.tsv' else ',',
-                       quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL)
+                       quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL,
+                       headerless_names=columns)
   return datasets.Dataset.from_dict(cols, features=_features(text_columns, regression))

@@ -7,6 +7,7 @@ import datasets
 import numpy as np
 import transformers
 
+from bitbert_jax import preempt
 from bitbert_jax.data import tasks as tasks_lib
 from bitbert_jax.errors import BitbertError
 
@@ -109,6 +110,7 @@ def encode(dataset: datasets.Dataset, tokenizer: transformers.PreTrainedTokenize
                        f'columns present: {dataset.column_names}')
   ids, types = [], []
   for start in range(0, len(dataset), _CHUNK):
+    preempt.check('tokenization')  # a big split (QQP, MNLI) takes minutes
     chunk = dataset[start:start + _CHUNK]
     texts = [chunk[f] for f in task.text_fields]
     enc = tokenizer(*texts, truncation='longest_first' if task.is_pair else True,

@@ -34,7 +34,7 @@ class StageContext:
   data: Any = None
   teacher: train_lib.Teacher | None = None
   pretrained: train_lib.Teacher | None = None
-  corpus: Callable | None = None  # corpus(batch_size, epoch) -> iterator of batches
+  corpus: Callable | None = None  # corpus(batch_size, epoch, repeat) -> iterator of batches
   student_layers: tuple[int, ...] | None = None  # teacher layers the student was built from
   results: dict = dataclasses.field(default_factory=dict)  # a stage's dev metrics go here
 
@@ -181,8 +181,11 @@ def general_kd(state, ctx):
                                   _layer_map(ctx, state.model_config, teacher.config))
   state = _with_projection(state, teacher.config, ctx.config.seed)
   sets = settings(ctx)
-  batches = train_lib.StreamBatches(lambda epoch: ctx.corpus(sets.batch_size, epoch),
-                                    ctx.stage.get('steps_per_epoch') or 1000)
+  batches = train_lib.StreamBatches(
+      lambda epoch, repeat: ctx.corpus(sets.batch_size, epoch, repeat),
+      ctx.stage.get('steps_per_epoch') or 1000, sets.batch_size,
+      name=getattr(ctx.corpus, 'name', 'corpus'), field=sets.field,
+      wrap=ctx.stage.get('wrap_corpus', True))
   if not sets.epochs and sets.max_steps <= 0:
     raise BitbertError(f'config.stages.{ctx.name}: give epochs or max_steps')
   state = _run(state, ctx, objective, batches, teacher)
