@@ -281,18 +281,14 @@ def main(argv=None):
   if args.input != '-':
     args.input = paths.absolute(args.input)
   try:
-    cols = args.text_columns
-    if cols and len(cols) == 1 and ',' in cols[0]:
-      cols = cols[0].split(',')
+    cols = textio.text_columns(args.text_columns)
     texts = read_texts(args.input, cols, header=not args.no_header)
     model = load_packed(args.model)
     logits, labels = predict(model, texts, args.batch_size, args.max_length)
   except BitbertError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  for label, row in zip(labels, logits):
-    extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if args.logits else ''
-    print(f'{label}{extra}')
+  textio.write_predictions(labels, logits, args.logits)
   return 0
 
 

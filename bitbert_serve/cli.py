@@ -22,16 +22,12 @@ def main(argv=None, prog='python -m bitbert_serve'):
   parser.add_argument('--logits', action='store_true', help='also print the logits')
   args = parser.parse_args(argv)
   try:
-    cols = args.text_columns
-    if cols and len(cols) == 1 and ',' in cols[0]:
-      cols = cols[0].split(',')
+    cols = textio.text_columns(args.text_columns)
     model = runtime.load(args.model, threads=args.threads)
     texts = textio.read_texts(args.input, cols, header=not args.no_header)
     logits, labels = runtime.predict(model, texts, args.batch_size, args.max_length)
   except BitbertError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  for label, row in zip(labels, logits):
-    extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if args.logits else ''
-    print(f'{label}{extra}')
+  textio.write_predictions(labels, logits, args.logits)
   return 0

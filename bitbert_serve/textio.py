@@ -98,3 +98,18 @@ def read_texts(path_or_file, text_columns=None, header=True, label_column=None):
     if lab is not None:
       labels.append(row[lab])
   return (texts, labels) if label_column is not None else texts
+
+
+def text_columns(cols):
+  """`--text_columns 0 1` or `--text_columns 0,1` -> ['0', '1'] (None stays None)."""
+  if cols and len(cols) == 1 and ',' in cols[0]:
+    return cols[0].split(',')
+  return cols
+
+
+def write_predictions(labels, logits, with_logits=False, out=None):
+  """One line per input line: the label, then its logits when asked."""
+  out = out or sys.stdout
+  for label, row in zip(labels, logits):
+    extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if with_logits else ''
+    print(f'{label}{extra}', file=out)
