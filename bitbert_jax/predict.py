@@ -269,13 +269,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m bitbert_jax.predict',
                                    description='Predict labels with a packed model.')
   parser.add_argument('--model', required=True, help='packed directory (bitbert_jax.export)')
-  parser.add_argument('--input', default='-', help='TSV file with a header row, or - (stdin)')
-  parser.add_argument('--text_columns', nargs='+', default=None,
-                      help='one or two column names (or 0-based numbers with --no_header)')
-  parser.add_argument('--no_header', action='store_true', help='the input has no header row')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--max_length', type=int, default=128)
-  parser.add_argument('--logits', action='store_true', help='also print the logits')
+  textio.add_arguments(parser)
   args = parser.parse_args(argv)
   args.model = paths.absolute(args.model)
   if args.input != '-':

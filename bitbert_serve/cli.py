@@ -12,14 +12,8 @@ def main(argv=None, prog='python -m bitbert_serve'):
                                    description='Predict labels with an exported ONNX model.')
   parser.add_argument('--model', required=True,
                       help='ONNX directory (python -m bitbert_jax.export --format=onnx)')
-  parser.add_argument('--input', default='-', help='TSV file with a header row, or - (stdin)')
-  parser.add_argument('--text_columns', nargs='+', default=None,
-                      help='one or two column names (or 0-based numbers with --no_header)')
-  parser.add_argument('--no_header', action='store_true', help='the input has no header row')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--max_length', type=int, default=128)
+  textio.add_arguments(parser)
   parser.add_argument('--threads', type=int, default=None, help='ONNX Runtime threads')
-  parser.add_argument('--logits', action='store_true', help='also print the logits')
   args = parser.parse_args(argv)
   try:
     cols = textio.text_columns(args.text_columns)

@@ -113,3 +113,14 @@ def write_predictions(labels, logits, with_logits=False, out=None):
   for label, row in zip(labels, logits):
     extra = '\t' + '\t'.join(f'{v:.6g}' for v in row) if with_logits else ''
     print(f'{label}{extra}', file=out)
+
+
+def add_arguments(parser):
+  """The input and output flags both CLIs share (predict under JAX, serve under ONNX Runtime)."""
+  parser.add_argument('--input', default='-', help='TSV file with a header row, or - (stdin)')
+  parser.add_argument('--text_columns', nargs='+', default=None,
+                      help='one or two column names (or 0-based numbers with --no_header)')
+  parser.add_argument('--no_header', action='store_true', help='the input has no header row')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--max_length', type=int, default=128)
+  parser.add_argument('--logits', action='store_true', help='also print the logits')
