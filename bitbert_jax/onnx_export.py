@@ -9,7 +9,6 @@ Written into a temporary directory and renamed, like the packed directory.
 """
 import os
 import shutil
-import tempfile
 
 from bitbert_jax import export
 from bitbert_jax.packed import format as fmt

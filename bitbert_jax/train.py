@@ -30,7 +30,6 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
 from bitbert_jax.optim import make_optimizer
 from bitbert_jax.preempt import Preempted, preempt_requested, preemptible  # re-exported
-from bitbert_jax.train_state import init_variables
 
 log = logging.getLogger('bitbert_jax')
 BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels', 'weights')
