@@ -35,8 +35,9 @@ def _write_fast_tokenizer(packed_dir, manifest, out_dir):
   return sorted(os.listdir(out_dir))
 
 
-def build_from_packed(packed_dir, verify=True):
-  """(ModelProto, config, policy, manifest) of a packed directory."""
+def build_from_packed(packed_dir, verify=True, precision='float64'):
+  """(ModelProto, config, policy, manifest) of a packed directory; precision: of the float ops
+  (`onnx_graph.build`)."""
   import onnx  # pylint: disable=unused-import,g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   from bitbert_jax.model.config import BertConfig  # pylint: disable=g-import-not-at-top
@@ -46,15 +47,18 @@ def build_from_packed(packed_dir, verify=True):
   weights = fmt.weights_path(packed_dir, manifest, verify)
   config = BertConfig.from_dict(fmt.read_json(os.path.join(packed_dir, fmt.CONFIG)))
   policy = QuantPolicy.from_dict(fmt.read_json(os.path.join(packed_dir, fmt.POLICY)))
-  return onnx_graph.build(config, policy, load_file(weights), manifest), config, policy, manifest
+  model = onnx_graph.build(config, policy, load_file(weights), manifest, precision)
+  return model, config, policy, manifest
 
 
-def export_onnx(source, out_dir, tokenizer_dir=None, overwrite=False, float_dtype='float16'):
+def export_onnx(source, out_dir, tokenizer_dir=None, overwrite=False, float_dtype='float16',
+                precision='float64'):
   """Writes the ONNX model directory of a packed directory or of a trained student.
 
   source: a packed directory (`export.pack`), or anything `export.load_student` reads (it is
     packed first, with float_dtype, into a temporary directory).
   tokenizer_dir: tokenizer files for a student (default: the ones its workdir records).
+  precision: the graph's float ops: 'float64' (reproduces `predict` on CPU) or 'float32'.
   Returns the absolute out_dir.
   """
   import onnx  # pylint: disable=g-import-not-at-top
@@ -69,7 +73,7 @@ def export_onnx(source, out_dir, tokenizer_dir=None, overwrite=False, float_dtyp
       export.pack(s.config, s.params, s.policy, packed_dir,
                   tokenizer_dir=tokenizer_dir or s.tokenizer_dir, float_dtype=float_dtype,
                   model_state=s.model_state)
-    model, config, policy, manifest = build_from_packed(packed_dir)
+    model, config, policy, manifest = build_from_packed(packed_dir, precision=precision)
     model_path = os.path.join(tmp, MODEL)
     onnx.save_model(model, model_path)
     files = _write_fast_tokenizer(packed_dir, manifest, tmp) if manifest.get(
@@ -78,7 +82,7 @@ def export_onnx(source, out_dir, tokenizer_dir=None, overwrite=False, float_dtyp
     onnx_manifest = {
         'format': FORMAT, 'format_version': FORMAT_VERSION, 'model_file': MODEL,
         'model_sha256': fmt.sha256_file(model_path), 'model_bytes': os.path.getsize(model_path),
-        'opset': onnx_graph.OPSET, 'inputs': list(onnx_graph.INPUTS),
+        'opset': onnx_graph.OPSET, 'precision': precision, 'inputs': list(onnx_graph.INPUTS),
         'output': onnx_graph.OUTPUT, 'num_labels': config.num_labels,
         'problem_type': config.problem_type,
         'label_names': [] if config.is_regression else list(

@@ -8,6 +8,10 @@ CLI (one label per input line on stdout):
 
 The parameters stay packed in memory (uint8 codes, float32 scales, float16 float parts); the
 quantized layers unpack their codes inside the jitted forward pass (quant/packed_layers.py).
+
+Precision: on CPU the float ops (LayerNorm, softmax, GELU, attention, rescaling) run in float64
+(under `jax.enable_x64`), as the exported ONNX graph does, so that ONNX Runtime reproduces these
+logits (float32 rounding differences flip 8-bit activation codes). Accelerators run float32.
 """
 import argparse
 import dataclasses
@@ -33,6 +37,12 @@ from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant.policy import QuantPolicy
 
 BUCKET = 32  # sequence lengths are padded to a multiple of this: few jit shapes
+PRECISIONS = ('float64', 'float32')
+
+
+def default_precision():
+  """float64 where XLA computes it natively (CPU, the ONNX graph's precision), else float32."""
+  return 'float64' if jax.default_backend() == 'cpu' else 'float32'
 
 
 @dataclasses.dataclass
@@ -51,6 +61,7 @@ class PackedModel:
   tokenizer: Any
   manifest: dict
   directory: str
+  precision: str = 'float32'  # of the float ops; 'float64' matches the ONNX graph
 
   @property
   def label_names(self):
@@ -60,8 +71,12 @@ class PackedModel:
 
   @functools.cached_property
   def _logits_fn(self):
-    model = BertModel(self.config, self.policy)
-    return jax.jit(lambda v, ids, mask, types: model.apply(v, ids, mask, types).logits)
+    config = self.config
+    if self.precision == 'float64':
+      config = dataclasses.replace(config, dtype='float64')
+    model = BertModel(config, self.policy)
+    return jax.jit(lambda v, ids, mask, types: model.apply(v, ids, mask, types).logits.astype(
+        jnp.float32))
 
   @property
   def variables(self):
@@ -69,7 +84,8 @@ class PackedModel:
 
   def logits(self, input_ids, attention_mask, token_type_ids):
     """[B, S] int arrays -> float32 logits [B, C] (jitted; one compile per shape)."""
-    return self._logits_fn(self.variables, input_ids, attention_mask, token_type_ids)
+    with jax.enable_x64(self.precision == 'float64'):
+      return self._logits_fn(self.variables, input_ids, attention_mask, token_type_ids)
 
 
 @functools.lru_cache(maxsize=16)
@@ -111,12 +127,16 @@ def _load_tokenizer(directory, manifest):
     raise BitbertError(f'{directory}: cannot load the tokenizer ({type(e).__name__}: {e})') from e
 
 
-def load_packed(directory, verify=True, tokenizer=True):
+def load_packed(directory, verify=True, tokenizer=True, precision=None):
   """Loads a packed directory -> PackedModel (weights stay packed; nothing dequantized).
 
   verify: check the weights file's sha256 against manifest.json (catches truncated copies).
   tokenizer: load the tokenizer files too (needed by `predict`; not by `PackedModel.logits`).
+  precision: of the float ops, 'float64' or 'float32'; None: `default_precision()`.
   """
+  precision = precision or default_precision()
+  if precision not in PRECISIONS:
+    raise BitbertError(f'predict: precision {precision!r}; valid: {", ".join(PRECISIONS)}')
   directory = os.fspath(directory)
   if not os.path.isdir(directory):
     raise BitbertError(f'packed model {directory}: no such directory')
@@ -143,7 +163,7 @@ def load_packed(directory, verify=True, tokenizer=True):
   _check_tensors(directory, tensors, config, policy)
   params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in tensors.items()}, sep='/')
   tok = _load_tokenizer(directory, manifest) if tokenizer else None
-  return PackedModel(config, policy, params, state, tok, manifest, directory)
+  return PackedModel(config, policy, params, state, tok, manifest, directory, precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +290,8 @@ def main(argv=None):
                                    description='Predict labels with a packed model.')
   parser.add_argument('--model', required=True, help='packed directory (bitbert_jax.export)')
   textio.add_arguments(parser)
+  parser.add_argument('--precision', default=None, choices=PRECISIONS,
+                      help='float ops (default: float64 on CPU, as the ONNX export, else float32)')
   args = parser.parse_args(argv)
   args.model = paths.absolute(args.model)
   if args.input != '-':
@@ -277,7 +299,7 @@ def main(argv=None):
   try:
     cols = textio.text_columns(args.text_columns)
     texts = read_texts(args.input, cols, header=not args.no_header)
-    model = load_packed(args.model)
+    model = load_packed(args.model, precision=args.precision)
     logits, labels = predict(model, texts, args.batch_size, args.max_length)
   except BitbertError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -10,6 +10,8 @@ between jit and eager execution. So equality is checked where it is well defined
     forcing): outputs within 1e-5 relative (measured ~1e-6: float32 vs exact int32 sums);
   * 8-bit activations end to end: logits within 1e-2 (the noise floor above, not a format
     error), and the same predictions on these MRPC examples.
+The packed model is compared with the fake-quantized one in float32 (`precision='float32'`),
+the trainer's precision; `predict`'s CPU default, float64, is the ONNX graph's (test_onnx_export).
 """
 import dataclasses
 import io
@@ -100,7 +102,7 @@ def minilm(tmp_path_factory):
   policy = policy_from_name('1-1-8')
   out = export.pack(config, params, policy, tmp_path_factory.mktemp('minilm') / 'packed',
                     tokenizer_dir=path, float_dtype='float32')
-  model = predict.load_packed(out)
+  model = predict.load_packed(out, precision='float32')
   batches = [predict.encode_texts(model.tokenizer, texts[i:i + 8], 128) for i in (0, 8)]
   return config, params, policy, model, batches
 
@@ -176,7 +178,7 @@ def test_variants_equal_fake(tmp_path, name, groups, int_dots):
   if name == 'split':
     params, policy = split_params(params, policy)
   out = export.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
-  model = predict.load_packed(out)
+  model = predict.load_packed(out, precision='float32')
   batch = _tiny_batch()
   if int_dots:  # the integer grid: equal end to end
     got = np.asarray(model.logits(batch['input_ids'], batch['attention_mask'],
@@ -202,7 +204,7 @@ def test_float16_parts_and_static_ranges(tmp_path):
       {'params': p}, i, m, mutable=['quant_stats'])[1])
   state = calibrate(params, batch['input_ids'], batch['attention_mask'])
   out = export.pack(TINY, params, policy, tmp_path / 'p', model_state=state)
-  model = predict.load_packed(out)
+  model = predict.load_packed(out, precision='float32')
   assert model.params['pooler']['kernel'].dtype == jnp.float16
   assert set(model.state) == {'quant_stats'}
   # The reference: the fake model with its float parts rounded to float16, as stored.
@@ -319,7 +321,7 @@ def test_trained_student_round_trip(tmp_path):
   workdir = str(tmp_path / 'run')
   results = run(config, workdir)
 
-  model = predict.load_packed(os.path.join(workdir, 'packed'))
+  model = predict.load_packed(os.path.join(workdir, 'packed'), precision='float32')
   assert model.policy.name == '1-1-8' and model.config.num_hidden_layers == 1
   n, max_len = config.task.max_dev_examples, config.task.max_length
   texts, gold = predict.read_texts(dev, ['#1 String', '#2 String'], label_column='Quality')

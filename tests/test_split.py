@@ -299,7 +299,8 @@ def test_minilm_split_packed_equals_fake_on_mrpc(minilm, tmp_path):
   from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
   config, _, _, bparams, bpolicy, batches = minilm
   model = predict.load_packed(export.pack(config, bparams, bpolicy, tmp_path / 'packed',
-                                          float_dtype='float32'), tokenizer=False)
+                                          float_dtype='float32'), tokenizer=False,
+                              precision='float32')
   assert model.policy.split and model.policy.name == '1-1-8'
   fake = _run(config, bpolicy)
   for batch in batches:

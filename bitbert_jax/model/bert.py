@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bitbert_jax.model import gelu_erf
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant.layers import QDense, QEmbed, default_init
 from bitbert_jax.quant.policy import QuantPolicy
@@ -32,14 +33,21 @@ class BertOutput:
   logits: jax.Array | None = None
 
 
-def _activation(name):
+def float_dtype(config):
+  """Dtype of LayerNorm, attention softmax and logits: float32, or float64 for exact serving."""
+  return jnp.float64 if config.dtype == 'float64' else jnp.float32
+
+
+def _activation(name, dtype):
   if name == 'relu':
     return nn.relu
+  if name == 'gelu' and jnp.dtype(dtype) == jnp.float64:  # ONNX Runtime has no float64 Erf
+    return gelu_erf.gelu
   return lambda x: nn.gelu(x, approximate=name != 'gelu')  # 'gelu' is the exact erf form
 
 
 def _layer_norm(config, name):
-  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=jnp.float32, name=name,
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=float_dtype(config), name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('embed',)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
 
@@ -53,7 +61,7 @@ class BertEmbeddings(nn.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     positions = jnp.arange(input_ids.shape[-1])[None, :]
     words = QEmbed(cfg.vocab_size, cfg.hidden_size, self.policy, dtype=jnp.float32,
-                   name='word_embeddings')(input_ids, quant_mix)
+                   name='word_embeddings')(input_ids, quant_mix).astype(float_dtype(cfg))
     init = nn.with_logical_partitioning(default_init, (None, 'embed'))
     pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                    name='position_embeddings')(positions)
@@ -77,10 +85,10 @@ class BertAttention(nn.Module):
     q = split_heads(dense('query', ('embed', 'heads'))(x, quant_mix))
     k = split_heads(dense('key', ('embed', 'heads'))(x, quant_mix))
     v = split_heads(dense('value', ('embed', 'heads'))(x, quant_mix))
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(
-        jnp.float32(cfg.head_dim))
-    # Padding keys get the most negative float, as Hugging Face does, so probabilities match.
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+    f = float_dtype(cfg)
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(f) / jnp.sqrt(f(cfg.head_dim))
+    # Padding keys get the most negative float32, as Hugging Face does, so probabilities match.
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min).astype(f)
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(dtype), v).reshape(b, s, -1)
@@ -101,7 +109,7 @@ class BertLayer(nn.Module):
                                                                   quant_mix)
     h = QDense(cfg.intermediate_size, self.policy, ('embed', 'mlp'), dtype,
                name='intermediate')(x, quant_mix)
-    h = _activation(cfg.hidden_act)(h)
+    h = _activation(cfg.hidden_act, dtype)(h)
     h = QDense(cfg.hidden_size, self.policy, ('mlp', 'embed'), dtype, name='output')(h, quant_mix)
     h = nn.Dropout(cfg.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(cfg, 'output_LayerNorm')(h + x).astype(dtype), scores
@@ -155,8 +163,9 @@ class BertModel(nn.Module):
     if cfg.num_labels:
       rate = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
       h = nn.Dropout(rate)(pooled, deterministic=deterministic)
-      logits = QDense(cfg.num_labels, self.policy, ('embed', None), jnp.float32,
-                      name='classifier')(h, quant_mix).astype(jnp.float32)
+      f = float_dtype(cfg)
+      logits = QDense(cfg.num_labels, self.policy, ('embed', None), f,
+                      name='classifier')(h, quant_mix).astype(f)
     return BertOutput(last_hidden_state=x, pooled_output=pooled, hidden_states=hidden_states,
                       attention_scores=attention_scores, logits=logits)
 

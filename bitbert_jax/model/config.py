@@ -6,7 +6,9 @@ from bitbert_jax.errors import BitbertError
 
 ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu')
 PROBLEM_TYPES = ('single_label_classification', 'regression')
-DTYPES = ('float32', 'bfloat16')
+# float64: packed inference on CPU under jax.enable_x64 (`predict`), the precision the ONNX graph
+# computes in, so that the two agree to ~1e-12 instead of flipping 8-bit activation codes.
+DTYPES = ('float32', 'bfloat16', 'float64')
 
 
 @dataclasses.dataclass(frozen=True)

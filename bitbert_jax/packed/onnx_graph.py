@@ -15,7 +15,12 @@ A quantized dense layer follows `bitbert_jax.quant.grid` step by step:
   y      = acc_0 (s_x alpha_0) [+ acc_1 (s_x alpha_1)] + bias           Mul, Add (float32)
 
 Embeddings gather packed rows by id and unpack only those (as `packed_layers.packed_embed`).
-LayerNorm, softmax, GELU (erf), tanh and the float layers run in float32. Node names start with
+LayerNorm, softmax, GELU, tanh, the attention matmuls and the float layers run in the graph's
+float precision: float64 by default, which `bitbert_jax.predict` also computes in on CPU. In
+float32 the two round exp, erf and the reductions differently, and a 1-ulp difference moves an
+activation across a rounding boundary of its 8-bit code (measured: logits off by up to 0.04 on
+a trained student, one MRPC label in 408); in float64 such a crossing is ~1e-9 times as likely.
+ONNX Runtime has no float64 Erf, so the float64 GELU is `bitbert_jax.model.gelu_erf`'s formula. Node names start with
 the parameter path of the layer they belong to ('encoder/layer_0/attention/query/...'), so tests
 can find a layer's MatMulInteger.
 """
@@ -24,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.model import gelu_erf
 from bitbert_jax.packed import format as fmt
 from bitbert_jax.quant import grid
 
@@ -33,13 +39,17 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 OUTPUT = 'logits'
 ACT_ZERO_POINT = 128  # activation codes travel as uint8 code + 128
 F32_MIN = float(np.finfo(np.float32).min)  # masked keys, as the JAX model (and Hugging Face)
+PRECISIONS = {'float64': (np.float64, TensorProto.DOUBLE), 'float32': (np.float32, TensorProto.FLOAT)}
 
 
 class _Graph:
   """Nodes and initializers under construction; every op returns its output's name."""
 
-  def __init__(self):
+  def __init__(self, precision='float64'):
+    if precision not in PRECISIONS:
+      raise BitbertError(f'ONNX export: precision {precision!r}; valid: {", ".join(PRECISIONS)}')
     self.nodes, self.inits, self._consts, self._count = [], [], {}, 0
+    self.np_float, self.float = PRECISIONS[precision]  # the float ops' dtype
 
   def op(self, op_type, inputs, scope, **attrs):
     self._count += 1
@@ -67,6 +77,14 @@ class _Graph:
 
   def f32(self, value):
     return self.const(value, np.float32)
+
+  def real(self, value):
+    """A constant in the graph's float precision."""
+    return self.const(value, self.np_float)
+
+  def to_real(self, x, scope):
+    """A float32 value cast to the graph's float precision (exact)."""
+    return x if self.float == TensorProto.FLOAT else self.op('Cast', [x], scope, to=self.float)
 
   def index(self, value):
     """A scalar int64 index (Gather with it drops the axis)."""
@@ -115,30 +133,36 @@ def unpack_codes(g, packed, bits, n, rank, scope, offset=0):
 
 
 def _float(g, tensors, name, scope):
-  """A stored float tensor as a float32 graph value (float16 initializers are cast)."""
+  """A stored float tensor as a graph value in the graph's precision (exact casts)."""
   arr = tensors[name]
   g.init(name, arr)
-  return name if arr.dtype == np.float32 else g.op('Cast', [name], scope, to=TensorProto.FLOAT)
+  return name if arr.dtype == g.np_float else g.op('Cast', [name], scope, to=g.float)
 
 
 def token_codes(g, x, bits, scope):
-  """Per-token symmetric codes of x [..., K]: (uint8 codes + 128, float32 scale [..., 1]); the
-  rule of `quantizers.activation_codes` (scale 2 max|x| / 2^bits, round half to even, clip).
+  """Per-token symmetric codes of x [..., K]: (uint8 codes + 128, scale [..., 1] in the graph's
+  precision); the rule of `quantizers.activation_codes` (scale 2 max|x| / 2^bits, round half
+  to even, clip).
 
   The codes go to MatMulInteger as uint8 with zero point 128 (exactly the int8 code): ONNX
   Runtime's fast integer GEMMs take uint8 activations (int8 x int8 ran ~20x slower here).
   """
   amax = g.op('ReduceMax', [g.op('Abs', [x], scope)], scope, axes=[-1], keepdims=1)
-  scale = g.op('Div', [g.op('Mul', [amax, g.f32(2.0)], scope), g.f32(2.0**bits)], scope)
-  safe = g.op('Where', [g.op('Equal', [scale, g.f32(0.0)], scope), g.f32(1.0), scale], scope)
+  scale = g.op('Div', [g.op('Mul', [amax, g.real(2.0)], scope), g.real(2.0**bits)], scope)
+  safe = g.op('Where', [g.op('Equal', [scale, g.real(0.0)], scope), g.real(1.0), scale], scope)
   # x * (1 / s), not x / s: XLA rewrites the division by a broadcast scale into a multiply by
   # its reciprocal, and a code at a half-way point rounds by which of the two is computed.
   # Reciprocal, not Div(1, s): ORT's DivMulFusion turns Div(1, s) * x back into x / s.
   inverse = g.op('Reciprocal', [safe], scope)
   codes = g.op('Mul', [x, inverse], scope)
-  if bits < 8:
-    codes = g.op('Clip', [g.op('Round', [codes], scope), g.f32(-2.0**(bits - 1)),
-                          g.f32(2.0**(bits - 1) - 1)], scope)
+  if bits < 8 or g.float != TensorProto.FLOAT:
+    # Rounded in the graph's precision (QuantizeLinear takes float32 only; rounding a float64
+    # to float32 first could land on a half-way point), then exact integers as float32.
+    codes = g.op('Round', [codes], scope)
+    if bits < 8:
+      codes = g.op('Clip', [codes, g.real(-2.0**(bits - 1)), g.real(2.0**(bits - 1) - 1)], scope)
+    if g.float != TensorProto.FLOAT:
+      codes = g.op('Cast', [codes], scope, to=TensorProto.FLOAT)
   # QuantizeLinear with scale 1 is round half to even, + 128, saturate to [0, 255]: the 8-bit
   # clip to [-128, 127] and the zero-point shift in one op (codes / 1 is exact).
   return g.op('QuantizeLinear', [codes, g.f32(1.0), g.const(ACT_ZERO_POINT, np.uint8)],
@@ -148,9 +172,9 @@ def token_codes(g, x, bits, scope):
 class _Model:
   """Builds the BERT graph from a packed directory's tensors, config and policy."""
 
-  def __init__(self, config, policy, tensors, manifest):
+  def __init__(self, config, policy, tensors, manifest, precision):
     self.cfg, self.policy, self.t, self.records = config, policy, tensors, manifest['tensors']
-    self.g = _Graph()
+    self.g = _Graph(precision)
 
   def has_codes(self, path):
     return f'{path}{fmt.CODES_SUFFIX}' in self.t
@@ -201,15 +225,16 @@ class _Model:
         wk = g.op('Slice', [w, g.i64(lo), g.i64(hi), g.i64(0)], module)
       zeros = [g.const(ACT_ZERO_POINT, np.uint8)] + ([g.const(w_zero, np.uint8)] if w_zero else [])
       acc = g.op('MatMulInteger', [xk, wk] + zeros, module)
-      parts.append(g.op('Cast', [acc], module, to=TensorProto.FLOAT))
+      parts.append(g.op('Cast', [acc], module, to=TensorProto.FLOAT))  # exact: |acc| <= 2^24
     acc = parts[0]
     for part in parts[1:]:  # chunk sums added left to right, as grid.add_chunks
       acc = g.op('Add', [acc, part], module)
+    acc = g.to_real(acc, module)
     y = None
     for p in range(planes):
       acc_p = acc if planes == 1 else g.op(
           'Slice', [acc, g.i64(p * rows), g.i64((p + 1) * rows), g.i64(-1)], module)
-      alpha = g.op('Gather', [row_scale, g.index(p)], module, axis=0)
+      alpha = g.to_real(g.op('Gather', [row_scale, g.index(p)], module, axis=0), module)
       # Expand (a no-op on values) keeps ORT's MatMulIntegerToFloat fusion away: the fused
       # kernel takes a per-tensor activation scale and would drop the per-token one.
       scale = g.op('Mul', [xs, alpha], module)
@@ -229,6 +254,11 @@ class _Model:
     path = f'{module}/embedding'
     if not self.has_codes(path):
       return g.op('Gather', [_float(g, self.t, path, module), ids], module, axis=0)
+    return g.to_real(self.packed_word_embeddings(ids, path, module), module)
+
+  def packed_word_embeddings(self, ids, path, module):
+    """float32 [B, S, H]: codes times scales in float32, as `packed_layers.packed_embed`."""
+    g = self.g
     codes_name, scale_name = f'{path}{fmt.CODES_SUFFIX}', f'{path}{fmt.SCALE_SUFFIX}'
     rec = self.records[codes_name]
     rows, cols = rec['logical_shape']
@@ -255,16 +285,33 @@ class _Model:
     g, name = self.g, self.cfg.hidden_act
     if name == 'relu':
       return g.op('Relu', [h], scope)
+    if name == 'gelu' and g.float != TensorProto.FLOAT:
+      return self.gelu_erf(h, scope)
     if name == 'gelu':  # exact, x (1 + erf(x / sqrt 2)) 0.5: the form ORT fuses into one Gelu
-      cdf = g.op('Add', [g.op('Erf', [g.op('Div', [h, g.f32(np.sqrt(2.0))], scope)], scope),
-                         g.f32(1.0)], scope)
-      return g.op('Mul', [g.op('Mul', [h, cdf], scope), g.f32(0.5)], scope)
+      cdf = g.op('Add', [g.op('Erf', [g.op('Div', [h, g.real(np.sqrt(2.0))], scope)], scope),
+                         g.real(1.0)], scope)
+      return g.op('Mul', [g.op('Mul', [h, cdf], scope), g.real(0.5)], scope)
     # tanh approximation ('gelu_new', 'gelu_pytorch_tanh')
-    cube = g.op('Mul', [g.f32(0.044715), g.op('Mul', [h, g.op('Mul', [h, h], scope)], scope)],
+    cube = g.op('Mul', [g.real(0.044715), g.op('Mul', [h, g.op('Mul', [h, h], scope)], scope)],
                 scope)
-    inner = g.op('Mul', [g.f32(np.sqrt(2 / np.pi)), g.op('Add', [h, cube], scope)], scope)
-    cdf = g.op('Add', [g.f32(1.0), g.op('Tanh', [inner], scope)], scope)
-    return g.op('Mul', [g.op('Mul', [g.f32(0.5), h], scope), cdf], scope)
+    inner = g.op('Mul', [g.real(np.sqrt(2 / np.pi)), g.op('Add', [h, cube], scope)], scope)
+    cdf = g.op('Add', [g.real(1.0), g.op('Tanh', [inner], scope)], scope)
+    return g.op('Mul', [g.op('Mul', [g.real(0.5), h], scope), cdf], scope)
+
+  def gelu_erf(self, h, scope):
+    """`gelu_erf.gelu`, op for op: ONNX Runtime has no float64 Erf."""
+    g = self.g
+    mul = lambda a, b: g.op('Mul', [a, b], scope)
+    add = lambda a, b: g.op('Add', [a, b], scope)
+    z = mul(h, g.real(gelu_erf.SQRT_HALF))
+    a = g.op('Abs', [z], scope)
+    t = g.op('Div', [g.real(1.0), add(g.real(1.0), mul(g.real(gelu_erf.P), a))], scope)
+    poly = g.real(gelu_erf.A[4])
+    for c in reversed(gelu_erf.A[:4]):
+      poly = add(mul(poly, t), g.real(c))
+    e = mul(mul(poly, t), g.op('Exp', [g.op('Neg', [mul(a, a)], scope)], scope))
+    erf = mul(g.op('Sign', [z], scope), g.op('Sub', [g.real(1.0), e], scope))
+    return mul(mul(h, add(erf, g.real(1.0))), g.real(0.5))
 
   def attention(self, x, mask_bias, i):
     g, cfg = self.g, self.cfg
@@ -275,7 +322,7 @@ class _Model:
     q = g.op('Transpose', [proj('query')], scope, perm=[0, 2, 1, 3])  # [B, N, S, D]
     k = g.op('Transpose', [proj('key')], scope, perm=[0, 2, 3, 1])  # [B, N, D, S]
     v = g.op('Transpose', [proj('value')], scope, perm=[0, 2, 1, 3])
-    scores = g.op('Div', [g.op('MatMul', [q, k], scope), g.f32(np.sqrt(np.float32(d)))], scope)
+    scores = g.op('Div', [g.op('MatMul', [q, k], scope), g.real(np.sqrt(g.np_float(d)))], scope)
     probs = g.op('Softmax', [g.op('Add', [scores, mask_bias], scope)], scope, axis=-1)
     context = g.op('Transpose', [g.op('MatMul', [probs, v], scope)], scope, perm=[0, 2, 1, 3])
     context = _reshape_tail(g, context, 2, [cfg.hidden_size], scope)
@@ -298,7 +345,7 @@ class _Model:
                        g.op('Gather', [type_table, types], 'embeddings', axis=0)], 'embeddings')
     x = self.layer_norm(emb, 'embeddings/LayerNorm')
     keep = g.op('Greater', [mask, g.const(0, np.int64)], 'mask')
-    bias = g.op('Where', [keep, g.f32(0.0), g.f32(F32_MIN)], 'mask')
+    bias = g.op('Where', [keep, g.real(0.0), g.real(F32_MIN)], 'mask')
     bias = g.op('Unsqueeze', [bias, g.i64(1, 2)], 'mask')  # [B, 1, 1, S]
     for i in range(cfg.num_hidden_layers):
       x = self.attention(x, bias, i)
@@ -309,6 +356,8 @@ class _Model:
     first = g.op('Gather', [x, g.index(0)], 'pooler', axis=1)  # [B, H]: the [CLS] token
     pooled = g.op('Tanh', [self.dense(first, 'pooler')], 'pooler')
     logits = self.dense(pooled, 'classifier')
+    if g.float != TensorProto.FLOAT:
+      logits = g.op('Cast', [logits], 'classifier', to=TensorProto.FLOAT)  # as predict returns
     g.nodes.append(helper.make_node('Identity', [logits], [OUTPUT], name='logits'))
     dims = ['batch', 'sequence']
     graph = helper.make_graph(
@@ -321,17 +370,19 @@ class _Model:
     return model
 
 
-def build(config, policy, tensors, manifest):
+def build(config, policy, tensors, manifest, precision='float64'):
   """ModelProto of a packed model.
 
   config: BertConfig; policy: its QuantPolicy; tensors: {name: numpy array} of the packed
   weights file (state tensors refused: static activation ranges are not on the integer grid);
   manifest: the packed directory's manifest.json content.
+  precision: of the float ops, 'float64' (what `predict` computes on CPU: the two agree to
+    ~1e-12) or 'float32' (faster; logits within ~1e-2 of predict's).
   """
   state = [n for n in tensors if fmt.STATE_SEP in n]
   if state:
     raise BitbertError(f'ONNX export: the packed model carries state tensors ({state[0]}, ...) '
                        f'of static activation ranges; only dynamic activations are exported')
-  model = _Model(config, policy, tensors, manifest).build()
+  model = _Model(config, policy, tensors, manifest, precision).build()
   onnx.checker.check_model(model)
   return model

@@ -66,8 +66,8 @@ def _check_bits(bits, valid, what):
 
 
 def _grouped(x, num_groups):
-  """x as float32 [num_groups, size // num_groups]."""
-  return x.reshape(num_groups, -1).astype(jnp.float32)
+  """x as float32 [num_groups, size // num_groups] (float64 stays float64: exact serving)."""
+  return x.reshape(num_groups, -1).astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _nonzero(v):
