@@ -38,6 +38,8 @@ def main():
   parser.add_argument('--student', required=True)
   parser.add_argument('--task', required=True, choices=sorted(TASKS))
   parser.add_argument('--glue_dir', default=os.environ.get('GLUE_DIR', ''))
+  parser.add_argument('--precision', default='float64', choices=('float64', 'float32'),
+                      help='of the ONNX graph and of predict alike')
   args = parser.parse_args()
   path, cols, label_col = TASKS[args.task]
   texts, gold = predict.read_texts(os.path.join(args.glue_dir, path), cols,
@@ -48,8 +50,8 @@ def main():
       s = export.load_student(args.student)
       packed = export.pack(s.config, s.params, s.policy, os.path.join(tmp, 'packed'),
                            tokenizer_dir=s.tokenizer_dir, model_state=s.model_state)
-    onnx_dir = onnx_export.export_onnx(packed, os.path.join(tmp, 'onnx'))
-    model = predict.load_packed(packed)
+    onnx_dir = onnx_export.export_onnx(packed, os.path.join(tmp, 'onnx'), precision=args.precision)
+    model = predict.load_packed(packed, precision=args.precision)
     if not model.config.is_regression:  # GLUE label columns hold indices for some tasks
       gold = [model.label_names[int(g)] if g.isdigit() else g for g in gold]
     t0 = time.time()
@@ -59,7 +61,7 @@ def main():
     t2 = time.time()
   regression = model.config.is_regression
   diff = np.abs(ort_logits - jax_logits)
-  print(f'{args.task} dev: {len(texts)} examples; policy {model.policy.name}'
+  print(f'{args.task} dev: {len(texts)} examples; precision {args.precision}; policy {model.policy.name}'
         f'{" split" if model.policy.split else ""}; jax {t1 - t0:.0f}s, onnx {t2 - t1:.0f}s')
   print(f'max |logit diff| {diff.max():.3g}, mean {diff.mean():.3g}; '
         f'logit range [{jax_logits.min():.3g}, {jax_logits.max():.3g}]')

@@ -6,8 +6,10 @@ forward passes after --warmup untimed ones, for:
   torch int8          torch.ao.quantization.quantize_dynamic(nn.Linear -> qint8) of it
   ort fp32            the teacher exported with torch.onnx.export, ONNX Runtime (all graph opts)
   ort int8            onnxruntime.quantization.quantize_dynamic(QInt8 weights) of that file
-  jax packed          bitbert_jax.predict.PackedModel.logits of the student's packed directory
-  ours onnx           the student's model.onnx (bitbert_jax.export --format=onnx), ONNX Runtime
+  jax packed          bitbert_jax.predict.PackedModel.logits of the student's packed directory,
+                      float ops in float64 (predict's CPU default) and float32
+  ours onnx           the student's model.onnx (bitbert_jax.export --format=onnx), ONNX Runtime,
+                      float64 (the default: reproduces predict) and --precision=float32
 Weight bytes: the serialized weights each runtime loads (state_dict tensors for torch, the
 .onnx file for ONNX Runtime, weights.safetensors for the packed directory).
 
@@ -128,19 +130,24 @@ def ours(student, workdir, threads):
     s = export.load_student(student)
     packed = export.pack(s.config, s.params, s.policy, os.path.join(workdir, 'packed'),
                          tokenizer_dir=s.tokenizer_dir, model_state=s.model_state)
-  onnx_dir = onnx_export.export_onnx(packed, os.path.join(workdir, 'onnx'))
-  model = predict.load_packed(packed)
-
-  def jax_make(batch):
-    b = {k: v.astype(np.int32) for k, v in batch.items()}
-    return lambda: jax.block_until_ready(model.logits(b['input_ids'], b['attention_mask'],
-                                                      b['token_type_ids']))
-
   weights = os.path.getsize(os.path.join(packed, fmt.WEIGHTS))
-  model_onnx = os.path.join(onnx_dir, 'model.onnx')
-  return [('jax packed (bitbert_jax.predict)', jax_make, weights),
-          ('ours onnx (1-bit, ONNX Runtime)', _ort_runner(model_onnx, threads),
-           os.path.getsize(model_onnx))], model.policy.name
+  rows = []
+  for precision in ('float64', 'float32'):
+    model = predict.load_packed(packed, precision=precision)
+
+    def jax_make(batch, model=model):
+      b = {k: v.astype(np.int32) for k, v in batch.items()}
+      return lambda: jax.block_until_ready(model.logits(b['input_ids'], b['attention_mask'],
+                                                        b['token_type_ids']))
+
+    rows.append((f'jax packed (bitbert_jax.predict, {precision})', jax_make, weights))
+  for precision in ('float64', 'float32'):
+    onnx_dir = onnx_export.export_onnx(packed, os.path.join(workdir, f'onnx_{precision}'),
+                                       precision=precision)
+    model_onnx = os.path.join(onnx_dir, 'model.onnx')
+    rows.append((f'ours onnx (ONNX Runtime, {precision})', _ort_runner(model_onnx, threads),
+                 os.path.getsize(model_onnx)))
+  return rows, model.policy.name
 
 
 def main():
@@ -168,7 +175,7 @@ def main():
       print(f'{name}: {nbytes / 2**20:.2f} MiB, ' +
             ', '.join(f'batch {b}: {v:.1f} ms' for b, v in ms.items()), flush=True)
   int8 = [r for r in results if 'int8' in r['runtime']]
-  ours_row = results[-1]
+  ours_rows = [r for r in results if r['runtime'].startswith('ours')]
   print(f'\n{datetime.date.today()}, {platform.processor() or platform.machine()}, '
         f'{args.threads} threads, seq {args.seq}, median of {args.reps}; student policy {policy}')
   print('| runtime | weight MiB | ' + ' | '.join(f'batch {b} ms' for b in batches) + ' |')
@@ -177,12 +184,14 @@ def main():
     print(f'| {r["runtime"]} | {r["weight_bytes"] / 2**20:.2f} | ' +
           ' | '.join(f'{r["median_ms"][b]:.1f}' for b in batches) + ' |')
   smallest_int8 = min(r['weight_bytes'] for r in int8)
-  print(f'\nours / smallest int8 bytes: {ours_row["weight_bytes"] / smallest_int8:.3f} '
+  print(f'\nours / smallest int8 bytes: {ours_rows[0]["weight_bytes"] / smallest_int8:.3f} '
         f'(goal <= 0.125)')
-  for b in batches:
-    fastest = min(r['median_ms'][b] for r in int8)
-    print(f'batch {b}: ours {ours_row["median_ms"][b]:.1f} ms vs fastest int8 {fastest:.1f} ms '
-          f'({"met" if ours_row["median_ms"][b] <= fastest else "missed"})')
+  for row in ours_rows:
+    for b in batches:
+      fastest = min(r['median_ms'][b] for r in int8)
+      ms = row['median_ms'][b]
+      print(f'batch {b}: {row["runtime"]} {ms:.1f} ms vs fastest int8 {fastest:.1f} ms '
+            f'({"met" if ms <= fastest else "missed"})')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'date': str(datetime.date.today()), 'threads': args.threads, 'seq': args.seq,
