@@ -217,15 +217,17 @@ class _Model:
           g.op('Reshape', [scale_name, g.i64(planes, groups, 1)], module),
           g.i64(planes, groups, rows // groups)], module), g.i64(planes, rows)], module)
     xc, xs = token_codes(g, x, act.bits, module)
-    parts = []
-    for lo, hi in grid.chunks(cols, act.bits, quant.bits):
+    parts, k_chunks = [], grid.chunks(cols, act.bits, quant.bits)
+    # One chunk: int32 straight to the graph's float (exact); more: float32 sums, as grid.
+    acc_type = g.float if len(k_chunks) == 1 else TensorProto.FLOAT
+    for lo, hi in k_chunks:
       xk, wk = xc, w
       if hi - lo != cols:
         xk = g.op('Slice', [xc, g.i64(lo), g.i64(hi), g.i64(-1)], module)
         wk = g.op('Slice', [w, g.i64(lo), g.i64(hi), g.i64(0)], module)
       zeros = [g.const(ACT_ZERO_POINT, np.uint8)] + ([g.const(w_zero, np.uint8)] if w_zero else [])
       acc = g.op('MatMulInteger', [xk, wk] + zeros, module)
-      parts.append(g.op('Cast', [acc], module, to=TensorProto.FLOAT))  # exact: |acc| <= 2^24
+      parts.append(g.op('Cast', [acc], module, to=acc_type))  # exact: |acc| <= 2^24
     acc = parts[0]
     for part in parts[1:]:  # chunk sums added left to right, as grid.add_chunks
       acc = g.op('Add', [acc, part], module)
