@@ -88,8 +88,8 @@ def _check_choice(v, field, valid):
 
 
 def _dtypes():
-  from bitbert_jax.model.config import DTYPES  # pylint: disable=g-import-not-at-top
-  return DTYPES
+  from bitbert_jax.model.config import TRAIN_DTYPES  # pylint: disable=g-import-not-at-top
+  return TRAIN_DTYPES
 
 
 def _check_task(t):

@@ -8,7 +8,8 @@ ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu')
 PROBLEM_TYPES = ('single_label_classification', 'regression')
 # float64: packed inference on CPU under jax.enable_x64 (`predict`), the precision the ONNX graph
 # computes in, so that the two agree to ~1e-12 instead of flipping 8-bit activation codes.
-DTYPES = ('float32', 'bfloat16', 'float64')
+TRAIN_DTYPES = ('float32', 'bfloat16')  # what config.model.dtype may say
+DTYPES = TRAIN_DTYPES + ('float64',)
 
 
 @dataclasses.dataclass(frozen=True)
