@@ -49,3 +49,13 @@ def test_xtc_ladder_and_augment_pipelines_validate():
   default = load_config('xtc', '')
   assert default.pipeline == 'finetune,reduce,quantize,kd_1bit'
   assert default.stages.kd_1bit.data == 'task' and 'augment' not in default.stages
+
+
+def test_xtc_epochs_come_from_the_preset_unless_given():
+  assert load_config('xtc', '').stages.kd_1bit.epochs == 18.0  # paper
+  quick = load_config('xtc', 'preset=quick')
+  assert quick.stages.kd_1bit.epochs == 9.0 and quick.train.batch_size == 32
+  assert quick.task.max_train_examples == -1
+  assert load_config('xtc', 'preset=quick,epochs=4').stages.kd_1bit.epochs == 4.0
+  ladder = load_config('xtc', 'preset=quick,ladder=8-2-1')
+  assert [ladder.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [3.0, 3.0, 3.0]
