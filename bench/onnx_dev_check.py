@@ -38,7 +38,7 @@ def main():
   parser.add_argument('--student', required=True)
   parser.add_argument('--task', required=True, choices=sorted(TASKS))
   parser.add_argument('--glue_dir', default=os.environ.get('GLUE_DIR', ''))
-  parser.add_argument('--precision', default='float64', choices=('float64', 'float32'),
+  parser.add_argument('--precision', default='float32', choices=('float32', 'float64'),
                       help='of the ONNX graph and of predict alike')
   args = parser.parse_args()
   path, cols, label_col = TASKS[args.task]

@@ -7,9 +7,9 @@ forward passes after --warmup untimed ones, for:
   ort fp32            the teacher exported with torch.onnx.export, ONNX Runtime (all graph opts)
   ort int8            onnxruntime.quantization.quantize_dynamic(QInt8 weights) of that file
   jax packed          bitbert_jax.predict.PackedModel.logits of the student's packed directory,
-                      float ops in float64 (predict's CPU default) and float32
+                      float ops in float64 and float32 (predict's default)
   ours onnx           the student's model.onnx (bitbert_jax.export --format=onnx), ONNX Runtime,
-                      float64 (the default: reproduces predict) and --precision=float32
+                      --precision=float64 (reproduces predict's float64) and float32 (default)
 Weight bytes: the serialized weights each runtime loads (state_dict tensors for torch, the
 .onnx file for ONNX Runtime, weights.safetensors for the packed directory).
 

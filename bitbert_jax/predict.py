@@ -9,9 +9,11 @@ CLI (one label per input line on stdout):
 The parameters stay packed in memory (uint8 codes, float32 scales, float16 float parts); the
 quantized layers unpack their codes inside the jitted forward pass (quant/packed_layers.py).
 
-Precision: on CPU the float ops (LayerNorm, softmax, GELU, attention, rescaling) run in float64
-(under `jax.enable_x64`), as the exported ONNX graph does, so that ONNX Runtime reproduces these
-logits (float32 rounding differences flip 8-bit activation codes). Accelerators run float32.
+Precision: the float ops (LayerNorm, softmax, GELU, attention, rescaling) run in float32 by
+default, bit for bit the trainer's evaluation. `precision='float64'` (CPU, under
+`jax.enable_x64`) computes them in float64 as the ONNX graph exported with
+`--precision=float64` does, and ONNX Runtime then reproduces these logits bit for bit (in float32
+the two round differently and a few 8-bit activation codes flip).
 """
 import argparse
 import dataclasses
@@ -37,12 +39,7 @@ from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant.policy import QuantPolicy
 
 BUCKET = 32  # sequence lengths are padded to a multiple of this: few jit shapes
-PRECISIONS = ('float64', 'float32')
-
-
-def default_precision():
-  """float64 where XLA computes it natively (CPU, the ONNX graph's precision), else float32."""
-  return 'float64' if jax.default_backend() == 'cpu' else 'float32'
+PRECISIONS = ('float32', 'float64')
 
 
 @dataclasses.dataclass
@@ -127,14 +124,13 @@ def _load_tokenizer(directory, manifest):
     raise BitbertError(f'{directory}: cannot load the tokenizer ({type(e).__name__}: {e})') from e
 
 
-def load_packed(directory, verify=True, tokenizer=True, precision=None):
+def load_packed(directory, verify=True, tokenizer=True, precision='float32'):
   """Loads a packed directory -> PackedModel (weights stay packed; nothing dequantized).
 
   verify: check the weights file's sha256 against manifest.json (catches truncated copies).
   tokenizer: load the tokenizer files too (needed by `predict`; not by `PackedModel.logits`).
-  precision: of the float ops, 'float64' or 'float32'; None: `default_precision()`.
+  precision: of the float ops: 'float32' (the trainer's) or 'float64' (the float64 ONNX graph's).
   """
-  precision = precision or default_precision()
   if precision not in PRECISIONS:
     raise BitbertError(f'predict: precision {precision!r}; valid: {", ".join(PRECISIONS)}')
   directory = os.fspath(directory)
@@ -290,8 +286,9 @@ def main(argv=None):
                                    description='Predict labels with a packed model.')
   parser.add_argument('--model', required=True, help='packed directory (bitbert_jax.export)')
   textio.add_arguments(parser)
-  parser.add_argument('--precision', default=None, choices=PRECISIONS,
-                      help='float ops (default: float64 on CPU, as the ONNX export, else float32)')
+  parser.add_argument('--precision', default='float32', choices=PRECISIONS,
+                      help='float ops; float64 reproduces an ONNX export made with '
+                           '--precision=float64 bit for bit (CPU)')
   args = parser.parse_args(argv)
   args.model = paths.absolute(args.model)
   if args.input != '-':

@@ -4,11 +4,11 @@ weights, its size, the CLI and bad input.
 What "equal" means: the per-token 8-bit activation quantizer is discontinuous, so float32 ops
 that round differently in XLA and ONNX Runtime (exp in softmax, erf, LayerNorm and attention
 sums, XLA's fused multiply-adds) flip a few activation codes, and flips compound over layers.
-Hence the default graph and `predict` on CPU both compute the float ops in float64:
-  * end to end on real MRPC dev text (default, float64): the same labels, logits within 1e-4
-    (measured: 0.0, bit-identical float32 logits, on all three students);
-  * the float32 graph against predict in float32: the same labels, logits within 1e-2 (measured
-    3.0e-3 on the 1-1-8 student);
+Hence `precision='float64'`: the graph and `predict` both compute the float ops in float64:
+  * end to end on real MRPC dev text, float64: the same labels, logits within 1e-4 (measured:
+    0.0, bit-identical float32 logits, on all three students);
+  * the default float32 graph against predict's default float32: the same labels, logits within
+    1e-2 (measured 3.0e-3 on the 1-1-8 student);
   * every quantized linear layer of the float32 graph fed the JAX layer's input (teacher
     forcing): outputs within 1e-6 relative (measured <= 2.4e-7: one float32 rounding of the
     bias add).
@@ -71,8 +71,8 @@ def exported(request, tmp_path_factory, minilm):
   config, params, policy = _student(minilm, request.param)
   root = tmp_path_factory.mktemp(request.param)
   packed = export.pack(config, params, policy, root / 'packed', tokenizer_dir=minilm)
-  onnx_dir = onnx_export.export_onnx(packed, root / 'onnx')
-  model = predict.load_packed(packed)
+  onnx_dir = onnx_export.export_onnx(packed, root / 'onnx', precision='float64')
+  model = predict.load_packed(packed, precision='float64')
   texts = _mrpc_dev_texts()
   logits, labels = predict.predict(model, texts)
   batch = predict.encode_texts(model.tokenizer, texts, 128)
@@ -88,11 +88,12 @@ def test_onnx_runtime_reproduces_predict_labels(exported):
   np.testing.assert_allclose(got, logits, atol=1e-4, rtol=0)
 
 
-def test_float32_graph_matches_predict_in_float32(exported, tmp_path):
+def test_default_float32_graph_matches_predict_in_float32(exported, tmp_path):
   packed, _, _, batch, _, _ = exported
-  model = predict.load_packed(packed, precision='float32')
+  model = predict.load_packed(packed)  # the defaults: float32 on both sides
+  assert model.precision == 'float32'
   want = predict.predict_logits(model, batch)
-  onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o32', precision='float32')
+  onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o32')
   assert json.load(open(os.path.join(onnx_dir, 'manifest.json')))['precision'] == 'float32'
   got = _ort_logits(_session(os.path.join(onnx_dir, 'model.onnx')), batch)
   assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -219,8 +220,8 @@ def test_wider_codes_and_row_groups(tmp_path, name, groups):
   policy = policy_from_name(name, weight_groups=groups)
   params = export.random_params(TINY, policy, seed=3)
   packed = export.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
-  onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o')
-  model = predict.load_packed(packed, tokenizer=False)
+  onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o', precision='float64')
+  model = predict.load_packed(packed, tokenizer=False, precision='float64')
   rng = np.random.default_rng(0)
   for b, s in ((1, 7), (3, 40)):  # dynamic batch and sequence axes
     batch = {'input_ids': rng.integers(0, TINY.vocab_size, (b, s)).astype(np.int32),

@@ -10,8 +10,9 @@ between jit and eager execution. So equality is checked where it is well defined
     forcing): outputs within 1e-5 relative (measured ~1e-6: float32 vs exact int32 sums);
   * 8-bit activations end to end: logits within 1e-2 (the noise floor above, not a format
     error), and the same predictions on these MRPC examples.
-The packed model is compared with the fake-quantized one in float32 (`precision='float32'`),
-the trainer's precision; `predict`'s CPU default, float64, is the ONNX graph's (test_onnx_export).
+The packed model is compared with the fake-quantized one in float32 (`precision='float32'`, the
+default and the trainer's precision); `precision='float64'` is the float64 ONNX graph's
+(test_onnx_export).
 """
 import dataclasses
 import io

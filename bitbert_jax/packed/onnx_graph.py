@@ -16,12 +16,13 @@ A quantized dense layer follows `bitbert_jax.quant.grid` step by step:
 
 Embeddings gather packed rows by id and unpack only those (as `packed_layers.packed_embed`).
 LayerNorm, softmax, GELU, tanh, the attention matmuls and the float layers run in the graph's
-float precision: float64 by default, which `bitbert_jax.predict` also computes in on CPU. In
-float32 the two round exp, erf and the reductions differently, and a 1-ulp difference moves an
-activation across a rounding boundary of its 8-bit code (measured: logits off by up to 0.04 on
-a trained student, one MRPC label in 408); in float64 such a crossing is ~1e-9 times as likely.
-ONNX Runtime has no float64 Erf, so the float64 GELU is `bitbert_jax.model.gelu_erf`'s formula. Node names start with
-the parameter path of the layer they belong to ('encoder/layer_0/attention/query/...'), so tests
+float precision: float32 (the default, fast) or float64, which `bitbert_jax.predict` computes in
+with `precision='float64'`. In float32 the two round exp, erf and the reductions differently,
+and a 1-ulp difference moves an activation across a rounding boundary of its 8-bit code
+(measured: logits off by up to 0.04 on a trained student, one MRPC label in 408); in float64 such
+a crossing is ~1e-9 times as likely. ONNX Runtime has no float64 Erf, so the float64 GELU is
+`bitbert_jax.model.gelu_erf`'s formula. Node names start with the parameter path of the layer
+they belong to ('encoder/layer_0/attention/query/...'), so tests
 can find a layer's MatMulInteger.
 """
 import numpy as np
@@ -45,7 +46,7 @@ PRECISIONS = {'float64': (np.float64, TensorProto.DOUBLE), 'float32': (np.float3
 class _Graph:
   """Nodes and initializers under construction; every op returns its output's name."""
 
-  def __init__(self, precision='float64'):
+  def __init__(self, precision='float32'):
     if precision not in PRECISIONS:
       raise BitbertError(f'ONNX export: precision {precision!r}; valid: {", ".join(PRECISIONS)}')
     self.nodes, self.inits, self._consts, self._count = [], [], {}, 0
@@ -372,14 +373,14 @@ class _Model:
     return model
 
 
-def build(config, policy, tensors, manifest, precision='float64'):
+def build(config, policy, tensors, manifest, precision='float32'):
   """ModelProto of a packed model.
 
   config: BertConfig; policy: its QuantPolicy; tensors: {name: numpy array} of the packed
   weights file (state tensors refused: static activation ranges are not on the integer grid);
   manifest: the packed directory's manifest.json content.
-  precision: of the float ops, 'float64' (what `predict` computes on CPU: the two agree to
-    ~1e-12) or 'float32' (faster; logits within ~1e-2 of predict's).
+  precision: of the float ops, 'float32' (fast; logits within ~0.04 of predict's) or
+    'float64' (what `predict(precision='float64')` computes: bit-identical logits measured).
   """
   state = [n for n in tensors if fmt.STATE_SEP in n]
   if state:
