@@ -7,6 +7,8 @@ Prints the mean wall time of --reps runs (after one untimed) and the ops that to
 import argparse
 import collections
 import json
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -23,6 +25,7 @@ def main():
   args = parser.parse_args()
   so = ort.SessionOptions()
   so.enable_profiling, so.intra_op_num_threads = True, args.threads
+  so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), 'ort_profile')  # not into the cwd
   session = ort.InferenceSession(args.model, so, providers=['CPUExecutionProvider'])
   shape = (args.batch, args.seq)
   feed = {'input_ids': np.random.default_rng(0).integers(1000, 2000, shape).astype(np.int64),
@@ -33,7 +36,11 @@ def main():
     session.run(None, feed)
   print(f'batch {args.batch}: {(time.perf_counter() - t0) / args.reps * 1e3:.1f} ms per run')
   totals = collections.Counter()
-  for event in json.load(open(session.end_profiling())):
+  profile = session.end_profiling()
+  with open(profile) as f:
+    events = json.load(f)
+  os.remove(profile)
+  for event in events:
     if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
       totals[event['args']['op_name']] += event['dur']
   for op, us in totals.most_common(8):

@@ -6,8 +6,9 @@ from bitbert_jax.errors import BitbertError
 
 ACTIVATIONS = ('gelu', 'gelu_new', 'gelu_pytorch_tanh', 'relu')
 PROBLEM_TYPES = ('single_label_classification', 'regression')
-# float64: packed inference on CPU under jax.enable_x64 (`predict`), the precision the ONNX graph
-# computes in, so that the two agree to ~1e-12 instead of flipping 8-bit activation codes.
+# float64: packed inference on CPU under jax.enable_x64 (`predict --precision=float64`), the
+# precision of the ONNX graph exported with --precision=float64, so that the two agree to ~1e-12
+# instead of flipping 8-bit activation codes.
 TRAIN_DTYPES = ('float32', 'bfloat16')  # what config.model.dtype may say
 DTYPES = TRAIN_DTYPES + ('float64',)
 

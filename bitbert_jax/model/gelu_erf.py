@@ -1,7 +1,7 @@
 """GELU with erf written in +, -, *, / and exp: the float64 GELU of packed inference.
 
-ONNX Runtime (CPU) has no float64 Erf, so the float64 serving path (`predict` on CPU and the
-ONNX graph of `bitbert_jax.packed.onnx_graph`) computes erf with Abramowitz & Stegun 7.1.26
+ONNX Runtime (CPU) has no float64 Erf, so the float64 serving path (`predict --precision=float64`
+and the float64 ONNX graph of `bitbert_jax.packed.onnx_graph`) computes erf with Abramowitz & Stegun 7.1.26
 (|error| <= 1.5e-7, the size of float32 erf's own rounding): both run these ops in this order,
 so the two agree to float64 rounding.
 
