@@ -56,7 +56,8 @@ from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kerne
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.packed.format import (BIT_ORDER, CODE_MEANING, CODES_SUFFIX, CONFIG,  # noqa: F401
                                       FLOAT_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, POLICY,
-                                      SCALE_SUFFIX, STATE_SEP, TOKENIZER_FILES, WEIGHTS,
+                                      PRECISIONS, SCALE_SUFFIX, STATE_SEP, TOKENIZER_FILES,
+                                      WEIGHTS,
                                       read_json, read_manifest, sha256_file)
 MAX_OVERHEAD = 0.05  # file bytes over information content; the format promises less
 
@@ -612,7 +613,7 @@ def main(argv=None):
   parser.add_argument('--tokenizer_dir', default=None,
                       help='tokenizer files to copy (default: from the checkpoint, if present)')
   parser.add_argument('--float_dtype', default='float16', choices=FLOAT_DTYPES)
-  parser.add_argument('--precision', default='float32', choices=('float32', 'float64'),
+  parser.add_argument('--precision', default='float32', choices=PRECISIONS,
                       help='onnx: float ops in float32 (fast; logits within ~0.04 of predict\'s) '
                            'or float64 (reproduces predict --precision=float64 bit for bit; '
                            '4-8x slower)')

@@ -39,7 +39,7 @@ from bitbert_jax.model.config import BertConfig
 from bitbert_jax.quant.policy import QuantPolicy
 
 BUCKET = 32  # sequence lengths are padded to a multiple of this: few jit shapes
-PRECISIONS = ('float32', 'float64')
+PRECISIONS = packed_format.PRECISIONS
 
 
 @dataclasses.dataclass
