@@ -59,3 +59,17 @@ def test_xtc_epochs_come_from_the_preset_unless_given():
   assert load_config('xtc', 'preset=quick,epochs=4').stages.kd_1bit.epochs == 4.0
   ladder = load_config('xtc', 'preset=quick,ladder=8-2-1')
   assert [ladder.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [3.0, 3.0, 3.0]
+
+
+def test_multistage_quick_is_the_measured_budget():
+  quick = load_config('multistage', 'preset=quick')
+  assert quick.task.max_train_examples == -1 and quick.train.batch_size == 32
+  kd = ['fp32_stage1', 'fp32_stage2', 'ternary_stage1', 'ternary_stage2', 'binary_stage1',
+        'binary_stage2']
+  assert sum(quick.stages[n].epochs for n in kd) == 9.0  # XTC quick's 9 KD epochs
+  assert all(quick.stages[n].batch_size == 32 for n in kd)
+  assert quick.stages.general_kd.batch_size == 16  # 100 x 16 corpus sequences
+  quantized = kd[2:]
+  assert all(load_config('multistage', p).stages[n].lr == 5e-4
+             for p in ('preset=quick', 'preset=paper') for n in quantized)
+  assert quick.stages.fp32_stage1.lr == 5e-5  # the FP32 stages keep TinyBERT's lr
