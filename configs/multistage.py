@@ -35,7 +35,7 @@ def get_config(arg=None):
   c.stages.fp32_stage2 = s('task_kd', losses='stage2', epochs=3.0, lr=3e-5, data=data)
   c.stages.quantize_2bit = s('quantize', bits=f'2-2-{act}')
   # Quantized KD at 5e-4, as XTC's 1-bit stage (BinaryBERT's 2.5e-5..1.25e-4 barely moves the
-  # signs; STS-B 6L at 5e-4: 2-bit 98.3%, 1-bit in docs/RESULTS.md).
+  # signs); STS-B 6L, quick: 2-bit 98.1%, 1-bit (split) 99.5% of the teacher (docs/RESULTS.md).
   qlr = 5e-4
   c.stages.ternary_stage1 = s('task_kd', losses='stage1', epochs=2.0, lr=qlr, batch_size=16,
                               data=data)
