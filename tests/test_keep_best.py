@@ -1,10 +1,13 @@
 """eval_every (steps, across epoch boundaries) with keep_best: the stage returns the parameters
 of its best evaluation, not the first or the last; the XTC ladder and augment pipelines."""
+import types
+
 import jax
 import numpy as np
 import pytest
 
 from bitbert_jax import train, validate
+from bitbert_jax.distill import stages
 from test_checkpoint import Batches, assert_trees_equal, tiny_train
 from test_pipeline import load_config
 
@@ -41,8 +44,8 @@ def test_xtc_ladder_and_augment_pipelines_validate():
       '8-8-8', '2-2-8', '1-1-8']
   assert all(c.stages[n].data == 'augmented' for n in ('kd_8', 'kd_2', 'kd_1bit'))
   c.task.glue_dir = 'sample'
-  stages = validate.validate_config(c)
-  assert stages[-1] == 'kd_1bit'
+  names = validate.validate_config(c)
+  assert names[-1] == 'kd_1bit'
   c = load_config('xtc', 'ladder=8-2-1,ladder_epochs=2-4-12')
   assert [c.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [2.0, 4.0, 12.0]
   assert load_config('xtc', 'ladder=4-2-1').stages.kd_4.epochs == 6.0  # epochs split evenly
@@ -67,7 +70,9 @@ def test_multistage_quick_is_the_measured_budget():
   kd = ['fp32_stage1', 'fp32_stage2', 'ternary_stage1', 'ternary_stage2', 'binary_stage1',
         'binary_stage2']
   assert sum(quick.stages[n].epochs for n in kd) == 9.0  # XTC quick's 9 KD epochs
-  assert all(quick.stages[n].batch_size == 32 for n in kd)
+  run = lambda n: stages.settings(types.SimpleNamespace(name=n, stage=quick.stages[n],
+                                                        config=quick))
+  assert all(run(n).batch_size == 32 for n in kd)  # as the stage resolves it
   assert quick.stages.general_kd.batch_size == 16  # 100 x 16 corpus sequences
   quantized = kd[2:]
   assert all(load_config('multistage', p).stages[n].lr == 5e-4

@@ -29,7 +29,8 @@ MANIFEST = 'manifest.json'
 TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json', 'added_tokens.json')
 FLOAT_DTYPES = ('float16', 'float32')
-# Float ops of serving (predict, the ONNX graph): float32 is fast, float64 makes the two agree exactly.
+# Float ops of serving (predict, the ONNX graph): float32 is fast; float64 makes the two agree
+# exactly.
 PRECISIONS = ('float32', 'float64')
 STATE_SEP = ':'  # '<collection>:<path>' names a non-param variable, e.g. quant_stats ranges
 CODES_SUFFIX = '_codes'

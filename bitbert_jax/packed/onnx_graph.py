@@ -40,7 +40,8 @@ INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
 OUTPUT = 'logits'
 ACT_ZERO_POINT = 128  # activation codes travel as uint8 code + 128
 F32_MIN = float(np.finfo(np.float32).min)  # masked keys, as the JAX model (and Hugging Face)
-_FLOAT_TYPES = {'float64': (np.float64, TensorProto.DOUBLE), 'float32': (np.float32, TensorProto.FLOAT)}
+_FLOAT_TYPES = {'float64': (np.float64, TensorProto.DOUBLE),
+                'float32': (np.float32, TensorProto.FLOAT)}
 PRECISIONS = {p: _FLOAT_TYPES[p] for p in fmt.PRECISIONS}
 
 
