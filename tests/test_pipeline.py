@@ -142,7 +142,8 @@ def test_multistage_random_init_trains_through_general_kd(tmp_path, tiny_pretrai
   config.task.glue_dir = glue
   config.pipeline = 'finetune,init_student,general_kd,fp32_stage1'
   results = run(config, str(tmp_path))
-  assert [r['policy'] for r in results['stages'].values()][-1] == '32-32-32'
+  assert list(results['stages']) == config.pipeline.split(',')
+  assert results['stages']['fp32_stage1']['policy'] == '32-32-32'
   student, info = pipeline.load_stage_output(str(tmp_path / 'stages' / '01_init_student'))
   assert info['student_layers'] is None  # nothing copied from the pre-trained model
   from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
