@@ -1,7 +1,16 @@
 """Shared fixtures: the real GLUE dir, the real MiniLM checkpoint, and a tiny pre-trained BERT."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# One XLA compilation cache for the session and the CLI runs it starts: they compile the same
+# programs again and again (set before jax is imported, and inherited by subprocesses).
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bitbert-xla-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 DEFAULT_GLUE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'glue')
 
