@@ -7,10 +7,21 @@ import tempfile
 import pytest
 
 # One XLA compilation cache for the session and the CLI runs it starts: they compile the same
-# programs again and again (set before jax is imported, and inherited by subprocesses).
+# programs again and again (set before jax is imported, and inherited by subprocesses). A size
+# limit turns on the cache's file lock, which concurrent runs sharing it need.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bitbert-xla-cache-')
+  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
+# The slowest files first, so that pyproject's two workers overlap them with everything else.
+SLOW_FIRST = ('test_readme.py', 'test_pipeline.py', 'test_resume.py', 'test_sharding.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep order
+
 
 DEFAULT_GLUE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'glue')
 
