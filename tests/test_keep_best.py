@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bitbert_jax import train, validate
+from bitbert_jax.errors import BitbertError
 from bitbert_jax.distill import stages
 from test_checkpoint import Batches, assert_trees_equal, tiny_train
 from test_pipeline import load_config
@@ -62,6 +63,19 @@ def test_xtc_epochs_come_from_the_preset_unless_given():
   assert load_config('xtc', 'preset=quick,epochs=4').stages.kd_1bit.epochs == 4.0
   ladder = load_config('xtc', 'preset=quick,ladder=8-2-1')
   assert [ladder.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [3.0, 3.0, 3.0]
+
+
+def test_xtc_polishes_a_reduced_student_in_fp32_first():
+  """`layers` given: KD in FP32 at the quantized lr before quantizing (3-layer STS-B: 82.6)."""
+  pipeline_of = lambda arg: load_config('xtc', arg).pipeline.split(',')
+  for arg in ('preset=quick,layers=3', 'layers=3', 'preset=smoke,layers=1,fp32_kd=true'):
+    assert pipeline_of(arg)[2:4] == ['kd_fp32', 'quantize'], arg
+  for arg in ('preset=quick', 'layers=3,fp32_kd=false', 'preset=smoke,layers=1'):
+    assert 'kd_fp32' not in pipeline_of(arg), arg  # same depth; refused; smoke (tests) stays short
+  polish = load_config('xtc', 'preset=quick,layers=3').stages.kd_fp32
+  assert (polish.lr, polish.epochs, polish.losses) == (5e-4, 2.0, 'all')
+  with pytest.raises(BitbertError, match="fp32_kd='maybe'; valid: auto, true, false"):
+    load_config('xtc', 'fp32_kd=maybe')
 
 
 def test_multistage_quick_is_the_measured_budget():
