@@ -51,8 +51,8 @@ def get_config(arg=None):
   if args.augment:
     c.stages.augment = config_lib.stage('augment', copies=20, probability=0.4, candidates=15,
                                         glove='')
-  # A reduced student copies every other layer and needs KD before it is quantized: 2 epochs at
-  # 5e-4 take the 3-layer STS-B student to 82.6 (the multi-stage FP32 stages' lr, docs/RESULTS.md).
+  # A reduced student (a subset of the teacher's layers) needs KD before it is quantized: 2
+  # epochs at 5e-4 take the 3-layer STS-B student to 82.6 (multi-stage's FP32 lr; docs/RESULTS.md).
   c.stages.kd_fp32 = config_lib.stage('task_kd', losses='all', epochs=2.0, data=data, lr=qlr)
   c.stages.quantize = config_lib.stage('quantize', bits=args.bits)
   c.stages.kd_1bit = config_lib.stage('task_kd', losses='all', epochs=epochs, warmup=1.0,
