@@ -9,9 +9,9 @@ import pytest
 # One XLA compilation cache for the session and the CLI runs it starts: they compile the same
 # programs again and again (set before jax is imported, and inherited by subprocesses). A size
 # limit turns on the cache's file lock, which concurrent runs sharing it need.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))  # a cache of yours too
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bitbert-xla-cache-')
-  os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 # The slowest files first, so that pyproject's two workers overlap them with everything else.
