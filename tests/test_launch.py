@@ -204,3 +204,47 @@ def test_gpu_node_without_nvidia_smi_fails(tmp_path):
     pytest.skip('this machine has nvidia-smi')
   p = _bash(GPU_NODE, env={'INSTALL': '0'}, check=False)
   assert p.returncode == 2 and 'nvidia-smi not found' in p.stderr
+
+
+# --- branch_run.sh: a new run from an earlier run's finished stages ---------------------------
+
+BRANCH = os.path.join(LAUNCH, 'branch_run.sh')
+
+
+def _fake_workdir(root, stages):
+  for name in stages:
+    out = root / 'stages' / name / 'output'
+    (out / 'params').mkdir(parents=True)
+    (out / 'bitbert_manifest.json').write_text('{}')
+    (out / 'params' / 'w').write_text(name)
+  (root / 'stages' / '03_kd_1bit' / 'checkpoints').mkdir(parents=True)  # unfinished: no output
+  return root
+
+
+def test_branch_run_copies_named_stages_and_prints_command(tmp_path):
+  src = _fake_workdir(tmp_path / 'src', ['01_reduce', '02_kd_fp32'])
+  new = tmp_path / 'new'
+  p = _bash(BRANCH, str(src), '01_reduce,02_kd_fp32', str(new), '--', '--config=configs/xtc.py:layers=3',
+            '--config.stages.kd_1bit.lr=1e-3', env={'DRY_RUN': '1'})
+  assert p.stdout.split() == ['python', '-m', 'bitbert_jax.main', '--config=configs/xtc.py:layers=3',
+                              '--config.stages.kd_1bit.lr=1e-3', f'--workdir={new}']
+  for name in ('01_reduce', '02_kd_fp32'):
+    assert (new / 'stages' / name / 'output' / 'params' / 'w').read_text() == name
+  assert sorted(os.listdir(new / 'stages')) == ['01_reduce', '02_kd_fp32']  # not 03's checkpoints
+
+
+def test_branch_run_refuses_unfinished_stage_and_used_workdir(tmp_path):
+  src = _fake_workdir(tmp_path / 'src', ['01_reduce'])
+  new = tmp_path / 'new'
+  p = _bash(BRANCH, str(src), '01_reduce,03_kd_1bit', str(new), '--', '--config=x',
+            env={'DRY_RUN': '1'}, check=False)
+  assert p.returncode == 2 and '03_kd_1bit/output: no finished stage output' in p.stderr
+  assert not new.exists()  # checked before anything is copied
+  _bash(BRANCH, str(src), '01_reduce', str(new), '--', '--config=x', env={'DRY_RUN': '1'})
+  p = _bash(BRANCH, str(src), '01_reduce', str(new), '--', '--config=x', env={'DRY_RUN': '1'},
+            check=False)
+  assert p.returncode == 2 and 'already exists' in p.stderr
+  p = _bash(BRANCH, str(src), '01_reduce', str(tmp_path / 'n2'), '--', '--workdir=/tmp/x',
+            env={'DRY_RUN': '1'}, check=False)
+  assert p.returncode == 2 and 'NEW_WORKDIR' in p.stderr
+  assert _bash(BRANCH, '--help').stdout.startswith('Usage:')
