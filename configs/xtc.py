@@ -63,7 +63,8 @@ def get_config(arg=None):
     for width, bits, rung_epochs in _rungs(args, epochs):  # the ladder's total: as the 1-bit stage
       kd = 'kd_1bit' if width == 1 else f'kd_{width}'
       c.stages[f'quantize_{width}'] = config_lib.stage('quantize', bits=bits)
-      c.stages[kd] = config_lib.stage('task_kd', losses='all', epochs=rung_epochs, warmup=1.0,
+      # warmup 10% of the rung: a 1-epoch warmup would be all of a 1-epoch rung (lr never decays)
+      c.stages[kd] = config_lib.stage('task_kd', losses='all', epochs=rung_epochs, warmup=0.1,
                                       data=data, lr=qlr)
       quantized += [f'quantize_{width}', kd]
   names = (['finetune', 'reduce'] + (['augment'] if args.augment else []) +

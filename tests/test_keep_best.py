@@ -63,6 +63,11 @@ def test_xtc_epochs_come_from_the_preset_unless_given():
   assert load_config('xtc', 'preset=quick,epochs=4').stages.kd_1bit.epochs == 4.0
   ladder = load_config('xtc', 'preset=quick,ladder=8-2-1')
   assert [ladder.stages[n].epochs for n in ('kd_8', 'kd_2', 'kd_1bit')] == [3.0, 3.0, 3.0]
+  short = load_config('xtc', 'preset=quick,ladder=8-2-1,epochs=3')  # 1-epoch rungs
+  for name in ('kd_8', 'kd_2', 'kd_1bit'):
+    rung = short.stages[name]
+    warmup_epochs = rung.warmup * rung.epochs if rung.warmup < 1 else rung.warmup  # as train reads it
+    assert warmup_epochs < 0.5 * rung.epochs, f'{name}: warmup would leave the lr no time to decay'
 
 
 def test_xtc_polishes_a_reduced_student_in_fp32_first():
