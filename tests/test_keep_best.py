@@ -83,6 +83,16 @@ def test_xtc_polishes_a_reduced_student_in_fp32_first():
     load_config('xtc', 'fp32_kd=maybe')
 
 
+def test_xtc_reduced_students_take_the_3_layer_recipe():
+  # Measured per depth (docs/RESULTS.md): 3L gains from 1e-3 + KL; 6L's 95%+ was at 5e-4 + mse.
+  one_bit = lambda arg: load_config('xtc', arg).stages.kd_1bit
+  for arg in ('preset=quick,layers=3', 'layers=3', 'preset=quick,layers=3,ladder=2-1'):
+    assert (one_bit(arg).lr, one_bit(arg).attn_loss) == (1e-3, 'kl'), arg
+  assert load_config('xtc', 'preset=quick,layers=3,ladder=2-1').stages.kd_2.attn_loss == 'kl'
+  for arg in ('preset=quick', 'task=stsb', 'preset=quick,ladder=2-1'):
+    assert (one_bit(arg).lr, one_bit(arg).attn_loss) == (5e-4, 'mse'), arg
+
+
 def test_multistage_quick_is_the_measured_budget():
   quick = load_config('multistage', 'preset=quick')
   assert quick.task.max_train_examples == -1 and quick.train.batch_size == 32
