@@ -45,7 +45,7 @@ def get_config(arg=None):
   # Quantized KD at 10x XTC's 5e-5: measured on MiniLM STS-B 6L, 3 epochs, 50.0 -> 78 Pearson
   # (docs/RESULTS.md); BiT also trains its binary BERT at 5e-4.
   qlr, attn_loss = 5e-4, 'mse'
-  if args.layers > 0:  # `layers` given: 1e-3 and KL attention, measured on STS-B 3L (RESULTS, s. 10)
+  if args.layers > 0:  # `layers` given: 1e-3 and KL attention, measured on STS-B 3L (RESULTS s10)
     qlr, attn_loss = 1e-3, 'kl'
   data = 'augmented' if args.augment else 'task'
   c.stages.finetune = config_lib.stage('finetune', epochs=3.0)

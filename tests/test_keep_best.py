@@ -66,7 +66,7 @@ def test_xtc_epochs_come_from_the_preset_unless_given():
   short = load_config('xtc', 'preset=quick,ladder=8-2-1,epochs=3')  # 1-epoch rungs
   for name in ('kd_8', 'kd_2', 'kd_1bit'):
     rung = short.stages[name]
-    warmup_epochs = rung.warmup * rung.epochs if rung.warmup < 1 else rung.warmup  # as train reads it
+    warmup_epochs = rung.warmup * rung.epochs if rung.warmup < 1 else rung.warmup  # as train does
     assert warmup_epochs < 0.5 * rung.epochs, f'{name}: warmup would leave the lr no time to decay'
 
 
