@@ -2,8 +2,9 @@
 
   python -m bitbert_jax.main --config=configs/xtc.py:task=mrpc,layers=3 --workdir=runs/xtc_mrpc
 Arguments: task, teacher ('' = fine-tune `pretrained` first), layers (student depth; 0 = the
-teacher's), bits (W-E-A), fp32_kd (the FP32 KD polish before quantizing: auto = on for a
-reduced student, `layers` given, except in smoke; true; false), preset (smoke | quick | paper),
+teacher's; a depth given also sets the quantized KD to lr 1e-3 with KL attention), bits (W-E-A),
+fp32_kd (the FP32 KD polish before quantizing: auto = on for a reduced student, `layers` given,
+except in smoke; true; false), preset (smoke | quick | paper),
 epochs (of the 1-bit KD, or of the whole ladder; 0 = the preset's: paper 18, quick 9), ladder (precision ladder, e.g. '8-2-1':
 quantize_8/kd_8 -> quantize_2/kd_2 -> quantize_1/kd_1bit, each from the last; '' = off),
 ladder_epochs (epochs per rung, e.g. '2-4-12'; '' = `epochs` split evenly), augment (TinyBERT
@@ -41,7 +42,7 @@ def get_config(arg=None):
   c = config_lib.base_config(args)
   # 9 epochs at 5e-4: STS-B 6L 95.3% of its teacher (3 epochs: 92.1%; docs/RESULTS.md).
   epochs = args.epochs or {'quick': 9.0}.get(args.preset, 18.0)
-  c.optim.lr = 5e-5  # the teacher's fine-tuning and the FP32 KD
+  c.optim.lr = 5e-5  # the teacher's fine-tuning (the KD stages set their own)
   # Quantized KD at 10x XTC's 5e-5: measured on MiniLM STS-B 6L, 3 epochs, 50.0 -> 78 Pearson
   # (docs/RESULTS.md); BiT also trains its binary BERT at 5e-4.
   qlr, attn_loss = 5e-4, 'mse'
