@@ -74,7 +74,8 @@ def test_xtc_polishes_a_reduced_student_in_fp32_first():
   """`layers` given: KD in FP32 at the quantized lr before quantizing (3-layer STS-B: 82.6)."""
   pipeline_of = lambda arg: load_config('xtc', arg).pipeline.split(',')
   for arg in ('preset=quick,layers=3', 'layers=3', 'preset=smoke,layers=1,fp32_kd=true'):
-    assert pipeline_of(arg)[2:4] == ['kd_fp32', 'quantize'], arg
+    names = pipeline_of(arg)
+    assert names[2] == 'kd_fp32' and names.index('kd_fp32') < names.index('quantize'), arg
   for arg in ('preset=quick', 'layers=3,fp32_kd=false', 'preset=smoke,layers=1'):
     assert 'kd_fp32' not in pipeline_of(arg), arg  # same depth; refused; smoke (tests) stays short
   polish = load_config('xtc', 'preset=quick,layers=3').stages.kd_fp32
@@ -91,6 +92,39 @@ def test_xtc_reduced_students_take_the_3_layer_recipe():
   assert load_config('xtc', 'preset=quick,layers=3,ladder=2-1').stages.kd_2.attn_loss == 'kl'
   for arg in ('preset=quick', 'task=stsb', 'preset=quick,ladder=2-1'):
     assert (one_bit(arg).lr, one_bit(arg).attn_loss) == (5e-4, 'mse'), arg
+
+
+def test_xtc_reduced_students_train_1_bit_on_augmented_data_at_the_same_step_budget():
+  # Measured on STS-B 3L (docs/RESULTS.md, session 11): augmentation after the FP32 polish.
+  c = load_config('xtc', 'preset=quick,layers=3')
+  names = c.pipeline.split(',')
+  assert names == ['finetune', 'reduce', 'kd_fp32', 'augment', 'quantize', 'kd_1bit']
+  assert c.stages.kd_fp32.data == 'task' and c.stages.kd_1bit.data == 'augmented'
+  one_bit, copies = c.stages.kd_1bit, c.stages.augment.copies
+  assert one_bit.epochs * (copies + 1) == pytest.approx(9.0)  # quick's 9 task-set passes
+  assert one_bit.warmup * one_bit.epochs * (copies + 1) == pytest.approx(1.0)  # one task epoch
+  plain = load_config('xtc', 'preset=quick,layers=3,augment=false')
+  assert 'augment' not in plain.pipeline.split(',') and plain.stages.kd_1bit.data == 'task'
+  assert (plain.stages.kd_1bit.epochs, plain.stages.kd_1bit.warmup) == (9.0, 1.0)
+  assert load_config('xtc', 'preset=quick,layers=3,copies=2').stages.kd_1bit.epochs == 3.0
+  for arg in ('preset=quick', 'preset=smoke,layers=1'):  # full depth; smoke (tests) stays short
+    assert 'augment' not in load_config('xtc', arg).pipeline.split(','), arg
+  with pytest.raises(BitbertError, match="augment='maybe'; valid: auto, true, false"):
+    load_config('xtc', 'layers=3,augment=maybe')
+  with pytest.raises(BitbertError, match='copies=0: at least 1 augmented copy'):
+    load_config('xtc', 'layers=3,copies=0')
+
+
+def test_stages_on_augmented_data_evaluate_once_per_task_epoch():
+  c = load_config('xtc', 'preset=quick,layers=3')
+  data = types.SimpleNamespace(train=np.zeros(5749), augmented=np.zeros(5749 * 9))
+  run = lambda name, **kw: stages.settings(types.SimpleNamespace(
+      name=name, stage=c.stages[name], config=c, **kw))
+  assert run('kd_1bit', data=data).eval_every == 5749 // 32  # 179: as a task-data stage
+  assert run('kd_fp32', data=data).eval_every == 0  # task data: every epoch, as before
+  c.stages.kd_1bit.eval_every = 50
+  assert run('kd_1bit', data=data).eval_every == 50  # a given cadence wins
+  assert run('kd_1bit').eval_every == 50
 
 
 def test_multistage_quick_is_the_measured_budget():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitbert_jax import train as train_lib
+from bitbert_jax.data import batching
 from bitbert_jax.distill import layer_map as layer_map_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
@@ -43,15 +44,21 @@ def settings(ctx):
   """Training settings: the stage's own fields over the run's optim/train sections."""
   s, c = ctx.stage, ctx.config
   get = lambda k, default: s.get(k, default) if s.get(k, None) is not None else default
+  batch_size = get('batch_size', c.train.batch_size)
+  eval_every = get('eval_every', c.train.eval_every)
+  task_train = getattr(getattr(ctx, 'data', None), 'train', None)
+  if not eval_every and s.get('data', 'task') == 'augmented' and task_train is not None:
+    # an augmented epoch is N + 1 task epochs: evaluate (and keep the best) once per task epoch
+    eval_every = max(1, batching.num_batches(task_train, batch_size, drop_remainder=True))
   return train_lib.Settings(
       lr=get('lr', c.optim.lr), epochs=get('epochs', 1.0),
-      batch_size=get('batch_size', c.train.batch_size), warmup=get('warmup', c.optim.warmup),
+      batch_size=batch_size, warmup=get('warmup', c.optim.warmup),
       float_lr=get('float_lr', c.optim.get('float_lr', 0.0)),
       float_warmup=get('float_warmup', c.optim.get('float_warmup')),
       warmin=get('warmin', c.quant.get('warmin', 0.0)),
       weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
       max_steps=get('max_steps', -1), log_every=c.train.log_every,
-      eval_every=get('eval_every', c.train.eval_every), keep_best=get('keep_best', True),
+      eval_every=eval_every, keep_best=get('keep_best', True),
       checkpoint_every_steps=c.train.checkpoint_every_steps,
       checkpoint_every_secs=c.train.checkpoint_every_secs,
       keep_checkpoints=c.train.keep_checkpoints, skip_nonfinite=c.train.skip_nonfinite,
