@@ -22,7 +22,11 @@ def parse_arg(arg, **defaults):
       raise BitbertError(f'config argument {item!r}: expected key=value with key in '
                          f'{", ".join(sorted(defaults))}')
     kind = type(defaults[key])
-    out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
+    try:
+      out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
+    except ValueError:
+      raise BitbertError(f'config argument {item!r}: {key} takes {kind.__name__} values, e.g. '
+                         f'{key}={defaults[key]}') from None
   if out.get('preset', 'paper') not in PRESETS:
     raise BitbertError(f'config argument preset={out["preset"]!r}; valid: {", ".join(PRESETS)}')
   return ml_collections.ConfigDict(out)

@@ -327,12 +327,14 @@ def cli(args, **env):
 
 @pytest.mark.parametrize('args,env_vars,needle', [
     (['--config=configs/xtc.py:preset=fast'], {}, "preset='fast'; valid: smoke, quick, paper"),
+    (['--config=configs/xtc.py:layers=3,copies=many'], {},
+     "config argument 'copies=many': copies takes int values, e.g. copies=8"),
     (['--config=configs/xtc.py:preset=smoke,pretrained={tiny},layers=1',
       '--config.train.batch_size=7', '--config.task.glue_dir={glue}'],
      {'XLA_FLAGS': '--xla_force_host_platform_device_count=2', 'JAX_PLATFORMS': 'cpu'},
      'config.train.batch_size=7 is not divisible by the data-parallel mesh size 2 '
      r'\(config.mesh data x fsdp\); valid: a multiple of 2'),
-], ids=['unknown_preset', 'batch_not_divisible_by_data_axes'])
+], ids=['unknown_preset', 'not_a_number', 'batch_not_divisible_by_data_axes'])
 def test_cli_bad_input_exits_2_with_one_line(env, tmp_path, args, env_vars, needle):
   import re  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
