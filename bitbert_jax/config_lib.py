@@ -11,6 +11,15 @@ from ml_collections.config_dict import placeholder
 from bitbert_jax.errors import BitbertError
 
 PRESETS = ('smoke', 'quick', 'paper')
+_SWITCH = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
+
+
+def switch(name, value, extra=()):
+  """'true' | 'false' (or 1/0, yes/no) -> bool; anything else is refused, naming the argument."""
+  if str(value).lower() not in _SWITCH:
+    valid = ', '.join(list(extra) + ['true', 'false'])
+    raise BitbertError(f'config argument {name}={value!r}; valid: {valid}')
+  return _SWITCH[str(value).lower()]
 
 
 def parse_arg(arg, **defaults):
@@ -23,7 +32,7 @@ def parse_arg(arg, **defaults):
                          f'{", ".join(sorted(defaults))}')
     kind = type(defaults[key])
     try:
-      out[key] = (value.lower() in ('1', 'true', 'yes')) if kind is bool else kind(value)
+      out[key] = switch(key, value) if kind is bool else kind(value)
     except ValueError:
       raise BitbertError(f'config argument {item!r}: {key} takes {kind.__name__} values, e.g. '
                          f'{key}={defaults[key]}') from None

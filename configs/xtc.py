@@ -34,13 +34,9 @@ def _rungs(args, total_epochs):
 
 def _switch(args, name):
   """auto | true | false -> bool; auto = on for a reduced student (`layers` given), not smoke."""
-  value = str(args[name]).lower()
-  if value == 'auto':
+  if str(args[name]).lower() == 'auto':
     return args.layers > 0 and args.preset != 'smoke'
-  switch = {'true': True, '1': True, 'yes': True, 'false': False, '0': False, 'no': False}
-  if value not in switch:
-    raise BitbertError(f'config argument {name}={args[name]!r}; valid: auto, true, false')
-  return switch[value]
+  return config_lib.switch(name, args[name], extra=['auto'])
 
 
 def get_config(arg=None):
@@ -86,8 +82,7 @@ def get_config(arg=None):
       c.stages[f'quantize_{width}'] = config_lib.stage('quantize', bits=bits)
       # warmup 10% of the rung: a 1-epoch warmup would be all of a 1-epoch rung (lr never decays)
       c.stages[kd] = config_lib.stage('task_kd', losses='all', epochs=rung_epochs * passes,
-                                      warmup=0.1,
-                                      data=data, lr=qlr, attn_loss=attn_loss)
+                                      warmup=0.1, data=data, lr=qlr, attn_loss=attn_loss)
       quantized += [f'quantize_{width}', kd]
   names = (['finetune', 'reduce'] + (['kd_fp32'] if fp32_kd else []) +
            (['augment'] if augment else []) + quantized)

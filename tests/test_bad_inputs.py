@@ -159,6 +159,11 @@ def unknown_preset(e):
   return load_config('xtc', 'preset=fast')
 
 
+def unknown_switch(e):
+  del e  # a bool argument used to read anything but 1/true/yes as false
+  return load_config('multistage', 'augment=maybe')
+
+
 def custom_missing_train_file(e):
   c = xtc(e)
   c.task.train_file = os.path.join(e['dir'], 'mine', 'train.tsv')
@@ -219,6 +224,7 @@ CASES = [
     ('unknown_task', setting(task__name='mrpcc'),
      r"config.task.name: unknown task 'mrpcc'; valid tasks: cola, sst2, mrpc"),
     ('unknown_preset', unknown_preset, r"preset='fast'; valid: smoke, quick, paper"),
+    ('unknown_switch', unknown_switch, r"config argument augment='maybe'; valid: true, false"),
     ('bad_dtype', setting(model__dtype='float64'),
      r"config.model.dtype='float64': valid: float32, bfloat16"),
     ('unknown_losses', setting(stages__kd_1bit__losses='stage3'),
