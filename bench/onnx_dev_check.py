@@ -1,4 +1,4 @@
-"""ONNX Runtime against bitbert_jax.predict on a whole GLUE dev set (the issue-13 exactness check).
+"""ONNX Runtime against bitbert_jax.predict on a whole GLUE dev set (the exactness check).
 
 Exports the student (a packed directory, or any checkpoint `export.load_student` reads) to a
 packed and an ONNX directory in a temporary dir, predicts the task's dev split with both

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts a new run from the finished stages of an earlier one: copies those stages' outputs into
 # a fresh workdir, where the pipeline's resume skips them, then runs bitbert_jax.main there. This
-# is how a sweep trains every lever from one shared start (docs/RESULTS.md, sessions 8-9).
+# is how a sweep trains every lever from one shared start (docs/RESULTS.md, "The levers").
 #
 #   launch/branch_run.sh runs/xtc_stsb_3L 01_reduce,02_kd_fp32 runs/sw_lr1e3 -- \
 #       --config=configs/xtc.py:task=stsb,teacher=$T,layers=3,preset=quick \

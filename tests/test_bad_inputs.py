@@ -160,7 +160,7 @@ def unknown_preset(e):
 
 
 def unknown_switch(e):
-  del e  # a bool argument used to read anything but 1/true/yes as false
+  del e  # a true/false argument refuses any other value
   return load_config('multistage', 'augment=maybe')
 
 

@@ -95,7 +95,7 @@ def test_xtc_reduced_students_take_the_3_layer_recipe():
 
 
 def test_xtc_reduced_students_train_1_bit_on_augmented_data_at_the_same_step_budget():
-  # Measured on STS-B 3L (docs/RESULTS.md, session 11): augmentation after the FP32 polish.
+  # Measured on STS-B 3L (docs/RESULTS.md, "Augmentation"): augmentation after the FP32 polish.
   c = load_config('xtc', 'preset=quick,layers=3')
   names = c.pipeline.split(',')
   assert names == ['finetune', 'reduce', 'kd_fp32', 'augment', 'quantize', 'kd_1bit']

@@ -136,7 +136,7 @@ def test_packed_int8_layers_equal_fake_layers(minilm):
 
 
 def test_packed_int8_model_end_to_end(minilm):
-  """The issue's requirement: packed logits = fake-quantized logits (<= 1e-4) on real data.
+  """Packed logits = fake-quantized logits (<= 1e-4) on real data.
 
   Both layers compute on the integer grid (quant/grid.py): exact integer sums, then the same
   float32 rescale, so the per-token 8-bit activation codes of every layer agree and the logits

@@ -3,7 +3,7 @@ directory with its relative --workdir, offline without GLUE_DIR and with a relat
 
 Only the preset is swapped for `smoke` and the pipeline shortened (offline: teacher, general KD
 on the generated corpus, ternary, splitting, one 1-bit KD stage, the packed export; with GLUE:
-the teacher alone, which is where a relative workdir used to crash); the install step is
+the teacher alone, where a relative workdir must be made absolute); the install step is
 checked against constraints.txt instead of being run.
 """
 import importlib.metadata
