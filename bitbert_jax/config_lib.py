@@ -52,6 +52,9 @@ def base_config(args):
       name=args.get('task', 'mrpc'), glue_dir=os.environ.get('GLUE_DIR', ''),
       train_file='', dev_file='', text_columns='', label_column='label', label_names='',
       columns='',  # a headerless TSV/CSV's column names in order, e.g. 'label,text'
+      # without label_names, auto: integer or named labels are classes, non-integer numbers a
+      # regression; or 'classification' / 'regression'
+      problem='auto',
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').

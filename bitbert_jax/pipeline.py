@@ -111,12 +111,11 @@ def load_task_data(config, tokenizer_dir, sample_dir):
   """(task, TaskData, source): source says where the data came from (a dir, hub, sample)."""
   t = config.task
   if t.train_file:
-    task = data_lib.custom_task(t.name, validate.text_columns(t),
-                                tuple(t.label_names.split(',')) if t.label_names else None)
-    load = lambda path: data_lib.load_custom_split(path, task.text_fields, t.label_column,
-                                                   task.label_names, task.is_regression,
-                                                   columns=validate.file_columns(t))
-    train, devs, source = load(t.train_file), {'validation': load(t.dev_file)}, t.train_file
+    task, train, dev = data_lib.load_custom_task(
+        t.name, t.train_file, t.dev_file, validate.text_columns(t), t.label_column,
+        tuple(t.label_names.split(',')) if t.label_names else None, t.problem,
+        validate.file_columns(t))
+    devs, source = {'validation': dev}, t.train_file
   else:
     task = data_lib.get_task(t.name)
     found = _glue_splits(task, t.glue_dir, sample_dir)

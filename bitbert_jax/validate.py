@@ -100,6 +100,9 @@ def _check_task(t):
   if t.train_file:
     _check_custom_task(t)
     return
+  if t.problem != 'auto':  # GLUE tasks come with their own label kind
+    raise BitbertError(f'config.task.problem={t.problem!r} is for custom tasks '
+                       '(config.task.train_file); a GLUE task keeps its own labels: leave it auto')
   try:
     task = data_lib.get_task(t.name)
   except BitbertError as e:
@@ -148,6 +151,7 @@ def _check_custom_task(t):
     raise BitbertError(f'config.task.text_columns={t.text_columns!r}: name one or two text '
                        'columns, comma-separated (e.g. "sentence1,sentence2")')
   labels = tuple(str(t.label_names).split(',')) if t.label_names else None
+  data_lib.tasks.check_problem(t.problem, t.label_names)
   try:
     data_lib.custom_task(t.name, columns, labels)
   except BitbertError as e:

@@ -10,6 +10,7 @@ from bitbert_jax.data.batching import padding_fraction
 from bitbert_jax.data.corpus import corpus_batches
 from bitbert_jax.data.glue import hub_offline
 from bitbert_jax.data.glue import load_custom_split
+from bitbert_jax.data.glue import load_custom_task
 from bitbert_jax.data.glue import load_split
 from bitbert_jax.data.glue import split_names
 from bitbert_jax.data.metrics import compute_metrics
