@@ -195,7 +195,7 @@ def test_the_pipeline_reads_a_headerless_01_file_as_classes(tmp_path, minilm):
   _files(tmp_path, [(0, 'dull'), (1, 'great'), (1, 'fine')], [(0, 'bad'), (1, 'good')])
   c = _custom_config(tmp_path)
   validate.validate_config(c, 1)
-  task, data, _ = pipeline.load_task_data(c, minilm, str(tmp_path / 'sample'))
+  task, data, _ = pipeline.load_task_data(c, minilm)
   assert task.label_names == ('0', '1') and data.train.labels.tolist() == [0, 1, 1]
 
 
