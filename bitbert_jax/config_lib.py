@@ -47,11 +47,16 @@ def base_config(args):
   c.pretrained = args.get('pretrained', 'minilm')  # pre-trained BERT: dir, hub id, or 'minilm'
   c.teacher = args.get('teacher', '')  # fine-tuned task teacher; '' = the finetune stage makes one
   c.tokenizer = ''  # '' = the teacher's (or pre-trained checkpoint's) own tokenizer files
-  c.corpus = ''  # general-KD text: files/folders, or hub:DATASET/CONFIG:SPLIT:COLUMN, comma-separated
+  # general-KD text: files/folders, or hub:DATASET/CONFIG:SPLIT:COLUMN, comma-separated;
+  # '' = the WikiText-2 excerpt shipped in the package (bitbert_jax/data/wikitext/)
+  c.corpus = ''
   c.task = ml_collections.ConfigDict(dict(
       name=args.get('task', 'mrpc'), glue_dir=os.environ.get('GLUE_DIR', ''),
       train_file='', dev_file='', text_columns='', label_column='label', label_names='',
       columns='',  # a headerless TSV/CSV's column names in order, e.g. 'label,text'
+      # without label_names, auto: integer or named labels are classes, non-integer numbers a
+      # regression; or 'classification' / 'regression'
+      problem='auto',
       max_length=128, max_train_examples=-1, max_dev_examples=-1))
   c.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
   # weight_groups is a string so the command line can say 'row' as well as a count ('64').

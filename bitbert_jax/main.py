@@ -1,4 +1,7 @@
-"""Command line: `python -m bitbert_jax.main --config=configs/xtc.py:task=mrpc --workdir=DIR`.
+"""Command line: `python -m bitbert_jax.main --config=xtc:task=mrpc --workdir=DIR`.
+
+`--config` names a config shipped with the package (xtc, multistage, finetune: the files of the
+repository's configs/) or a config file (`--config=configs/xtc.py:task=mrpc`, an edited copy).
 
 Flags only; the pipeline runner does the work. Exit status:
   0   done: results.json (and the exports) written.
@@ -24,8 +27,9 @@ from bitbert_jax.errors import BitbertError
 
 EX_USAGE, EX_TEMPFAIL = 2, 75
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/xtc.py:task=rte',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config name or file and its argument, e.g. xtc:task=rte or '
+    'configs/xtc.py:task=rte', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -101,10 +105,51 @@ def _fail(message):
   sys.exit(EX_USAGE)
 
 
+def config_dir():
+  """The shipped configs: bitbert_jax/configs in an installed wheel, configs/ in a checkout."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  for folder in (os.path.join(here, 'configs'), os.path.join(os.path.dirname(here), 'configs')):
+    if os.path.isfile(os.path.join(folder, 'xtc.py')):
+      return folder
+  raise BitbertError(f'no configs shipped with the package next to {here}; reinstall it')
+
+
+def config_names():
+  return sorted(f[:-3] for f in os.listdir(config_dir())
+                if f.endswith('.py') and not f.startswith('_'))
+
+
+def config_file(spec):
+  """'xtc:task=rte' -> '<shipped configs>/xtc.py:task=rte'; a file path is kept as it is."""
+  name, sep, arg = spec.partition(':')
+  if name.endswith('.py') or os.sep in name or '/' in name or os.path.isfile(name):
+    return spec
+  if name not in config_names():
+    raise BitbertError(f'--config={spec}: no config named {name!r}; valid names: '
+                       f'{", ".join(config_names())}, or a config file such as configs/xtc.py')
+  return os.path.join(config_dir(), name + '.py') + sep + arg
+
+
+def _with_config_file(argv):
+  """argv with --config's name (either flag form) resolved to the shipped file."""
+  out, argv = [], list(argv)
+  while argv:
+    a = argv.pop(0)
+    flag, eq, value = a.partition('=')
+    if flag in ('--config', '-config') and eq:
+      a = f'{flag}={config_file(value)}'
+    elif flag in ('--config', '-config') and argv:
+      out.append(a)
+      a = config_file(argv.pop(0))
+    out.append(a)
+  return out
+
+
 def parse_flags(argv):
-  """absl's parsing, but a bad --config (file argument or override) is one line and status 2."""
+  """absl's parsing, but a bad --config (name, file argument or override) is one line and
+  status 2."""
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_with_config_file(argv))
   except BitbertError as e:  # raised by a config file's get_config
     _fail(e)
   except flags.Error as e:

@@ -1,8 +1,6 @@
 """Paths a user gives, made absolute once where they enter (Orbax, and a resumed run from another
-current directory, need absolute paths); hub ids, 'minilm', 'sample' and '' stay as they are."""
+current directory, need absolute paths); hub ids, 'minilm' and '' stay as they are."""
 import os
-
-SAMPLE = 'sample'  # config.task.glue_dir / config.corpus value: the generated sample
 
 
 def absolute(path):
@@ -22,8 +20,7 @@ def _checkpoint(name):
 
 def _corpus(spec):
   parts = [s for s in spec.split(',') if s]
-  keep = lambda s: s == SAMPLE or s.startswith('hub:')
-  return ','.join(s if keep(s) else absolute(s) for s in parts)
+  return ','.join(s if s.startswith('hub:') else absolute(s) for s in parts)
 
 
 def absolute_config(config):
@@ -34,8 +31,7 @@ def absolute_config(config):
   if 'corpus' in config:
     config.corpus = _corpus(config.corpus)
   t = config.task
-  if t.glue_dir != SAMPLE:
-    t.glue_dir = absolute(t.glue_dir)
+  t.glue_dir = absolute(t.glue_dir)
   t.train_file, t.dev_file = absolute(t.train_file), absolute(t.dev_file)
   for stage in config.stages.values():
     if stage.get('glove'):

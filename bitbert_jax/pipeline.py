@@ -1,7 +1,7 @@
 """Runs the ordered stages of a config: config -> pipeline -> stage(state, ctx) -> state.
 
-`prepare` reads and checks every input (data, checkpoints, their fit) and writes nothing but
-generated offline samples; `execute` runs the stages. Each stage writes its output (parameters,
+`prepare` reads and checks every input (data, checkpoints, their fit) and writes nothing;
+`execute` runs the stages. Each stage writes its output (parameters,
 RNG, config, policy, dev metrics) atomically under `workdir/stages/NN_name/`; re-running a
 pipeline loads completed stages and resumes the interrupted one from its newest checkpoint, so
 a killed run re-run with the same command ends bitwise equal to an uninterrupted one.
@@ -67,20 +67,13 @@ def pipeline_stages(config):
   return validate.stage_names(config)
 
 
-SAMPLE_GLUE = 'sample'  # config.task.glue_dir value that selects the generated offline sample
-
-
 SHIPPED_DIR = os.path.join(os.path.dirname(data_lib.__file__), 'sentiment')
 SHIPPED = 'shipped:sentiment'  # results.json's "data" for the real set inside the package
 
 
-def _glue_splits(task, glue_dir, sample_dir):
-  """(train, {dev split: data}, source) from glue_dir's TSVs, the hub, or the generated sample
-  (glue_dir 'sample'); None when GLUE is in no glue_dir and the hub cannot be reached."""
-  if glue_dir == SAMPLE_GLUE:
-    data_lib.write_sample_glue(sample_dir, tasks=(task.name,))
-    load = lambda s: data_lib.load_split(task, s, sample_dir)
-    return load('train'), {s: load(s) for s in task.dev_splits}, 'sample'
+def _glue_splits(task, glue_dir):
+  """(train, {dev split: data}, source) from glue_dir's TSVs or the hub; None when GLUE is in
+  no glue_dir and the hub cannot be reached."""
   why = None if glue_dir else data_lib.hub_offline()
   if why is None:
     try:
@@ -92,8 +85,7 @@ def _glue_splits(task, glue_dir, sample_dir):
       why = ' '.join(str(e).split())
   log.warning('task %s: no GLUE_DIR and the Hugging Face hub is unreachable (%s); training on '
               'the REAL labelled set shipped in the package instead: task sentiment, 3,000 '
-              'review sentences, CC BY 4.0 (%s); set GLUE_DIR for %s, or config.task.glue_dir='
-              'sample for the generated sample', task.name, why,
+              'review sentences, CC BY 4.0 (%s); set GLUE_DIR for %s', task.name, why,
               os.path.join(SHIPPED_DIR, 'SOURCE.md'), task.name)
   return None
 
@@ -107,19 +99,18 @@ def shipped_task():
   return task, load('train.tsv'), {'validation': load('dev.tsv')}
 
 
-def load_task_data(config, tokenizer_dir, sample_dir):
-  """(task, TaskData, source): source says where the data came from (a dir, hub, sample)."""
+def load_task_data(config, tokenizer_dir):
+  """(task, TaskData, source): source says where the data came from (a file, dir, hub)."""
   t = config.task
   if t.train_file:
-    task = data_lib.custom_task(t.name, validate.text_columns(t),
-                                tuple(t.label_names.split(',')) if t.label_names else None)
-    load = lambda path: data_lib.load_custom_split(path, task.text_fields, t.label_column,
-                                                   task.label_names, task.is_regression,
-                                                   columns=validate.file_columns(t))
-    train, devs, source = load(t.train_file), {'validation': load(t.dev_file)}, t.train_file
+    task, train, dev = data_lib.load_custom_task(
+        t.name, t.train_file, t.dev_file, validate.text_columns(t), t.label_column,
+        tuple(t.label_names.split(',')) if t.label_names else None, t.problem,
+        validate.file_columns(t))
+    devs, source = {'validation': dev}, t.train_file
   else:
     task = data_lib.get_task(t.name)
-    found = _glue_splits(task, t.glue_dir, sample_dir)
+    found = _glue_splits(task, t.glue_dir)
     if found is None:
       (task, train, devs), source = shipped_task(), SHIPPED
     else:
@@ -219,7 +210,7 @@ def _load_checkpoint(config, field):
 def prepare(config, workdir):
   """Reads and checks every input (data, checkpoints, their fit with the pipeline).
 
-  Writes nothing to `workdir` except generated offline samples when those are the data.
+  Writes nothing to `workdir`.
   """
   names = validate.validate_config(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
@@ -229,13 +220,12 @@ def prepare(config, workdir):
   pretrained_dir = resolve_checkpoint(config.pretrained)
   tokenizer_dir = config.tokenizer or (config.teacher and resolve_checkpoint(config.teacher)) \
       or pretrained_dir
-  task, data, source = load_task_data(config, tokenizer_dir,
-                                      os.path.join(workdir, 'sample_glue'))
+  task, data, source = load_task_data(config, tokenizer_dir)
   validate.check_models(config, names, task, data.tokenizer,
                         pretrained=pretrained and pretrained.config,
                         teacher=teacher and teacher.config)
   return Inputs(names, mesh, task, data, source, teacher, pretrained, tokenizer_dir,
-                _corpus_fn(config, data.tokenizer, workdir))
+                _corpus_fn(config, names, data.tokenizer))
 
 
 def write_config(config, workdir):
@@ -410,12 +400,11 @@ class Corpus:
         process_count=jax.process_count())
 
 
-def _corpus_fn(config, tokenizer, workdir):
-  sources = [s for s in config.corpus.split(',') if s]
-  if not sources:
-    return None
-  if sources == ['sample']:  # offline default: generated text, enough to exercise general KD
-    log.warning('config.corpus=sample: general KD runs on GENERATED text; set CORPUS_DIR or '
-                'config.corpus to real text (e.g. Wikipedia) for a useful student')
-    sources = [data_lib.write_sample_corpus(os.path.join(workdir, 'sample_corpus', 'corpus.txt'))]
-  return Corpus(sources, tokenizer, config.task.max_length, config.seed)
+def _corpus_fn(config, names, tokenizer):
+  if not config.corpus and any(config.stages[n].kind == 'general_kd' for n in names):
+    log.info('general KD trains on the WikiText-2 excerpt shipped in the package (54 Wikipedia '
+             'articles, 1 MB, CC BY-SA 3.0: %s); for a better student set CORPUS_DIR or '
+             'config.corpus to more text (files, folders, hub:DATASET/CONFIG:SPLIT:COLUMN)',
+             os.path.join(data_lib.corpus.SHIPPED_DIR, 'SOURCE.md'))
+  return Corpus(data_lib.corpus_sources(config.corpus), tokenizer, config.task.max_length,
+                config.seed)

@@ -15,7 +15,6 @@ from bitbert_jax.errors import BitbertError
 TRAINING_KINDS = ('finetune', 'general_kd', 'task_kd')
 LOSSES = ('stage1', 'stage2', 'all')
 DATA = ('task', 'augmented')
-SAMPLE_GLUE = SAMPLE = 'sample'  # config.task.glue_dir / config.corpus: the generated sample
 _SNIFF_BYTES = 1 << 16
 
 
@@ -100,6 +99,9 @@ def _check_task(t):
   if t.train_file:
     _check_custom_task(t)
     return
+  if t.problem != 'auto':  # GLUE tasks come with their own label kind
+    raise BitbertError(f'config.task.problem={t.problem!r} is for custom tasks '
+                       '(config.task.train_file); a GLUE task keeps its own labels: leave it auto')
   try:
     task = data_lib.get_task(t.name)
   except BitbertError as e:
@@ -107,10 +109,10 @@ def _check_task(t):
                        'data') from None
   _check_int(t.max_length, 'config.task.max_length', 2 * len(task.text_fields) + 1,
              f' ([CLS], [SEP] and a token per text of {task.name})')
-  if t.glue_dir and t.glue_dir != SAMPLE_GLUE and not os.path.isdir(t.glue_dir):
+  if t.glue_dir and not os.path.isdir(t.glue_dir):
     raise BitbertError(f'config.task.glue_dir={t.glue_dir!r}: no such directory; valid: the '
-                       'GLUE root holding MRPC/, SST-2/, ... (or env GLUE_DIR), \'\' for the '
-                       f'Hugging Face hub, or {SAMPLE_GLUE!r} for the generated offline sample')
+                       'GLUE root holding MRPC/, SST-2/, ... (or env GLUE_DIR), or \'\' for the '
+                       'Hugging Face hub')
 
 
 def _check_custom_task(t):
@@ -148,6 +150,7 @@ def _check_custom_task(t):
     raise BitbertError(f'config.task.text_columns={t.text_columns!r}: name one or two text '
                        'columns, comma-separated (e.g. "sentence1,sentence2")')
   labels = tuple(str(t.label_names).split(',')) if t.label_names else None
+  data_lib.tasks.check_problem(t.problem, t.label_names)
   try:
     data_lib.custom_task(t.name, columns, labels)
   except BitbertError as e:
@@ -358,14 +361,10 @@ def _check_checkpoint_dir(path, field):
 
 
 def check_corpus(corpus):
-  """The general-KD corpus: named, present, and (its first 64 KiB) UTF-8 text."""
+  """The general-KD corpus ('' the shipped excerpt): present, and (its first 64 KiB) UTF-8 text."""
   specs = [s for s in str(corpus).split(',') if s]
-  if not specs:
-    raise BitbertError('config.corpus is empty but the pipeline has a general_kd stage; valid: '
-                       'text files/folders, hub:DATASET/CONFIG:SPLIT:COLUMN (comma-separated), '
-                       'or \'sample\' for generated text')
   for spec in specs:
-    if spec.startswith('hub:') or spec == SAMPLE:
+    if spec.startswith('hub:'):
       continue
     if os.path.isdir(spec):
       files = sorted(os.path.join(spec, f) for f in os.listdir(spec)

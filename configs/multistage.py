@@ -9,7 +9,7 @@ width), init (the student's start: random, as TinyBERT, or pretrained, a copy of
 config.pretrained's layers; default random, but pretrained for the quick preset, whose short
 general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
 augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
-$CORPUS_DIR, else a generated sample), preset.
+$CORPUS_DIR, else the WikiText-2 excerpt shipped in the package), preset.
 """
 import os
 
@@ -19,7 +19,7 @@ from bitbert_jax import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
                               layers=0, hidden=0, init='', bits='1-1-8', augment=False,
-                              corpus=os.environ.get('CORPUS_DIR', 'sample'))
+                              corpus=os.environ.get('CORPUS_DIR', ''))
   c = config_lib.base_config(args)
   act = args.bits.split('-')[-1]
   c.corpus = args.corpus

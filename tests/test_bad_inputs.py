@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitbert_jax import data as data_lib
 from bitbert_jax import pipeline
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
+import sample_data  # pylint: disable=g-bad-import-order
 from test_pipeline import load_config  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -52,7 +52,7 @@ def env(tmp_path_factory, tiny_pretrained):
   """Paths of good and bad inputs: a small generated GLUE, damaged copies of the tiny BERT."""
   d = tmp_path_factory.mktemp('inputs')
   e = {'tiny': tiny_pretrained, 'dir': str(d)}
-  e['glue'] = data_lib.write_sample_glue(str(d / 'glue'), tasks=('mrpc',), train_size=40,
+  e['glue'] = sample_data.write_sample_glue(str(d / 'glue'), tasks=('mrpc',), train_size=40,
                                          dev_size=16)
   train_tsv = open(os.path.join(e['glue'], 'MRPC', 'train.tsv')).read().splitlines()
   header, rows = train_tsv[0], train_tsv[1:]
@@ -113,7 +113,7 @@ def xtc(e, **kw):
 def multistage(e):
   c = load_config('multistage', f'preset=smoke,pretrained={e["tiny"]}')
   c.task.glue_dir = e['glue']
-  c.corpus = 'sample'
+  c.corpus = ''  # the shipped WikiText-2 excerpt
   return c
 
 

@@ -1,5 +1,7 @@
-"""Corpus streaming: packing, determinism, headings, sharding, bad files."""
+"""Corpus streaming: packing, determinism, headings, sharding, bad files; the shipped corpus."""
 
+import hashlib
+import logging
 import os
 
 import numpy as np
@@ -161,3 +163,55 @@ def test_parse_hub_source():
   assert corpus.parse_source('/data/x.txt') == '/data/x.txt'
   with pytest.raises(BitbertError, match='expected hub:'):
     corpus.parse_source('hub:wikitext')
+
+
+# --- the WikiText-2 excerpt shipped in the package ---------------------------------------
+
+def test_shipped_corpus_is_the_default_small_real_and_licensed():
+  assert corpus.corpus_sources('') == [corpus.SHIPPED_CORPUS]
+  assert corpus.corpus_sources('a.txt,,hub:x/y:train:text') == ['a.txt', 'hub:x/y:train:text']
+  d = corpus.SHIPPED_DIR
+  assert sorted(os.listdir(d)) == ['LICENSE', 'SOURCE.md', 'wikitext-2-valid-excerpt.txt']
+  assert os.path.getsize(corpus.SHIPPED_CORPUS) <= 1_000_000
+  source = open(os.path.join(d, 'SOURCE.md'), encoding='utf-8').read()
+  with open(corpus.SHIPPED_CORPUS, 'rb') as f:
+    raw = f.read()
+  assert hashlib.sha256(raw).hexdigest() in source  # SOURCE.md describes this very file
+  assert 'CC BY-SA 3.0' in source
+  assert 'Attribution-ShareAlike 3.0 Unported' in open(os.path.join(d, 'LICENSE')).read()
+  text = raw.decode('utf-8')
+  assert sum(corpus.is_heading(l) and not l.strip().startswith('= =')
+             for l in text.splitlines()) == 54  # whole articles
+  assert '<unk>' not in text and ' @-@ ' not in text and 'lobster' in text
+
+
+def test_shipped_corpus_is_the_stated_excerpt_of_wikitext2():
+  original = open(_wikitext(), 'rb').read()[:998_699].decode('utf-8')
+  for old, new in (('<unk>', '[UNK]'), (' @-@ ', '-'), (' @,@ ', ','), (' @.@ ', '.')):
+    original = original.replace(old, new)
+  assert open(corpus.SHIPPED_CORPUS, encoding='utf-8').read() == original
+
+
+def test_shipped_corpus_streams_as_dense_batches(tokenizer):
+  batches = list(corpus.corpus_batches(corpus.corpus_sources(''), tokenizer, 128, 64, seed=0))
+  ids = np.concatenate([b['input_ids'][b['weights'] > 0] for b in batches])
+  assert len(ids) > 1500  # about 240k tokens of real text
+  assert np.concatenate([b['attention_mask'] for b in batches]).mean() > 0.8
+  body = ids[ids > tokenizer.sep_token_id]  # the words, without [PAD]/[UNK]/[CLS]/[SEP]
+  assert 0 < np.mean(ids == tokenizer.unk_token_id) < 0.05 and len(np.unique(body)) > 10_000
+
+
+def test_the_pipeline_names_the_shipped_corpus_once_for_general_kd(tokenizer, caplog):
+  from bitbert_jax import config_lib, pipeline  # pylint: disable=g-import-not-at-top
+  corpus_fn = pipeline._corpus_fn  # pylint: disable=protected-access
+  c = config_lib.base_config({})
+  c.stages.general_kd = config_lib.stage('general_kd')
+  c.stages.finetune = config_lib.stage('finetune')
+  with caplog.at_level(logging.INFO, logger='bitbert_jax'):
+    assert corpus_fn(c, ['finetune'], tokenizer).sources == [corpus.SHIPPED_CORPUS]
+    assert not caplog.records  # no general KD, nothing to say
+    assert corpus_fn(c, ['general_kd'], tokenizer).sources == [corpus.SHIPPED_CORPUS]
+  (line,) = [r.getMessage() for r in caplog.records]
+  assert 'WikiText-2 excerpt shipped in the package' in line and 'CORPUS_DIR' in line
+  c.corpus = '/data/wiki.txt'
+  assert corpus_fn(c, ['general_kd'], tokenizer).sources == ['/data/wiki.txt']

@@ -1,10 +1,13 @@
-"""Task registry: aliases, shapes of the label space, GLUE main-score conventions."""
+"""Task registry: aliases, shapes of the label space, GLUE main-score conventions, and a user
+task's labels read as meant (classes or a regression, inferred from its training file)."""
 
 import dataclasses
+import logging
 
 import pytest
 
-from bitbert_jax.data import tasks
+from bitbert_jax import config_lib, pipeline, validate
+from bitbert_jax.data import glue, tasks
 from bitbert_jax.errors import BitbertError
 
 
@@ -76,3 +79,139 @@ def test_custom_task():
     tasks.custom_task('t', ('a', 'b', 'c'), ['a', 'b'])
   with pytest.raises(BitbertError, match='distinct'):
     tasks.custom_task('t', ('a',), ['a', 'a'])
+
+
+# --- a user task's labels ----------------------------------------------------------------
+
+@pytest.mark.parametrize('labels,problem,names', [
+    (['1', '0', '1'], 'auto', ('0', '1')),
+    (['10', '2', '1', '2'], 'auto', ('1', '2', '10')),  # numerically, not as text
+    (['-1', '1', '+1', '01'], 'auto', ('-1', '1')),  # one class however it is spelled
+    (['1.0', '2', '3.00'], 'auto', ('1', '2', '3')),  # integer values written as floats
+    (['pos', 'neg', 'neutral'], 'auto', ('neg', 'neutral', 'pos')),
+    (['2', 'other', '10'], 'auto', ('10', '2', 'other')),  # names: sorted as text
+    (['0.5', '1', '2.25'], 'auto', None),  # non-integer numbers: a regression
+    (['0.5', '2.25', '1'], 'classification', ('0.5', '1', '2.25')),
+    (['0', '1', '1'], 'regression', None),
+])
+def test_label_names_inferred(labels, problem, names):
+  assert tasks.infer_label_names(labels, problem, 'train.tsv') == names
+
+
+def test_one_label_and_a_bad_problem_are_refused():
+  with pytest.raises(BitbertError, match=r"train.tsv: every training label is '1'; a single "
+                     'label is nothing to learn'):
+    tasks.infer_label_names(['1', '1', '01'], 'auto', 'train.tsv')
+  with pytest.raises(BitbertError, match=r"config.task.problem='classify'; valid: auto, "
+                     'classification, regression'):
+    tasks.infer_label_names(['0', '1'], 'classify', 'train.tsv')
+  with pytest.raises(BitbertError, match='problem=regression with config.task.label_names'):
+    tasks.check_problem('regression', 'neg,pos')
+
+
+def _files(tmp_path, train, dev, ext='tsv'):
+  paths = []
+  for split, rows in (('train', train), ('dev', dev)):
+    path = tmp_path / f'{split}.{ext}'
+    path.write_text(''.join(f'{label}\t{text}\n' for label, text in rows))
+    paths.append(str(path))
+  return paths
+
+
+def test_integer_labels_are_classes_and_the_log_says_so(tmp_path, caplog):
+  train, dev = _files(tmp_path, [(1, 'good'), (0, 'bad'), (1, 'fine'), (2, 'meh')],
+                      [(1, 'nice'), (1, 'great'), (0, 'awful'), (2, 'so-so')])
+  with caplog.at_level(logging.INFO, logger='bitbert_jax'):
+    task, tr, dv = glue.load_custom_task('mine', train, dev, ('text',),
+                                         columns=('label', 'text'))
+  assert not task.is_regression and task.label_names == ('0', '1', '2')
+  assert tr['label'] == [1, 0, 1, 2] and dv['label'] == [1, 1, 0, 2]
+  assert tr.features['label'].dtype == 'int64'
+  lines = [r.getMessage() for r in caplog.records if 'read as' in r.getMessage()]
+  assert len(lines) == 1
+  for part in ('CLASSIFICATION, 3 classes', "['0', '1', '2']", "'0': 1, '1': 2, '2': 1",
+               "dev majority class '1' is 50.0% of its 4 rows", 'config.task.problem=regression'):
+    assert part in lines[0], lines[0]
+
+
+def test_non_integer_numbers_are_a_regression(tmp_path, caplog):
+  train, dev = _files(tmp_path, [(0.5, 'a'), (4.25, 'b'), (3, 'c')], [(1, 'd'), (2.5, 'e')])
+  with caplog.at_level(logging.INFO, logger='bitbert_jax'):
+    task, tr, dv = glue.load_custom_task('sts', train, dev, ('text',), columns=('label', 'text'))
+  assert task.is_regression and task.metric_names == ('pearson', 'spearman')
+  assert tr['label'] == [0.5, 4.25, 3.0] and dv['label'] == [1.0, 2.5]
+  assert any('read as a REGRESSION' in r.getMessage() and 'problem=classification'
+             in r.getMessage() for r in caplog.records)
+
+
+def test_asked_for_regression_integers_stay_numbers(tmp_path):
+  train, dev = _files(tmp_path, [(1, 'a'), (5, 'b'), (3, 'c')], [(4, 'd')])
+  task, tr, dv = glue.load_custom_task('stars', train, dev, ('text',), problem='regression',
+                                       columns=('label', 'text'))
+  assert task.is_regression and tr['label'] == [1.0, 5.0, 3.0] and dv['label'] == [4.0]
+
+
+def test_a_dev_label_unseen_in_train_names_file_line_and_value(tmp_path):
+  train, dev = _files(tmp_path, [(0, 'a'), (1, 'b')], [(1, 'c'), (0, 'd'), (2, 'e')])
+  with pytest.raises(BitbertError, match=r"dev.tsv:3: label '2' does not occur in the training "
+                     r"file .*train.tsv; its classes: \['0', '1'\]"):
+    glue.load_custom_task('mine', train, dev, ('text',), columns=('label', 'text'))
+
+
+def test_a_one_class_training_file_is_refused(tmp_path):
+  train, dev = _files(tmp_path, [('pos', 'a'), ('pos', 'b')], [('pos', 'c')])
+  with pytest.raises(BitbertError, match=r"train.tsv: every training label is 'pos'"):
+    glue.load_custom_task('mine', train, dev, ('text',), columns=('label', 'text'))
+
+
+def test_jsonl_numbers_and_given_label_names(tmp_path):
+  for split, labels in (('train', [3, 1, 2, 1]), ('dev', [2.0, 3])):
+    (tmp_path / f'{split}.jsonl').write_text(''.join(f'{{"t": "x", "y": {v}}}\n' for v in labels))
+  task, tr, dv = glue.load_custom_task('stars', tmp_path / 'train.jsonl', tmp_path / 'dev.jsonl',
+                                       ('t',), 'y')
+  assert task.label_names == ('1', '2', '3') and tr['label'] == [2, 0, 1, 0]
+  assert dv['label'] == [1, 2]
+  # Given names keep their meaning: a label is a name or an integer index into them.
+  (tmp_path / 'dev.jsonl').write_text('{"t": "x", "y": "b"}\n')
+  task, tr, _ = glue.load_custom_task('stars', tmp_path / 'train.jsonl', tmp_path / 'dev.jsonl',
+                                      ('t',), 'y', label_names=('a', 'b', 'c', 'd'))
+  assert task.label_names == ('a', 'b', 'c', 'd') and tr['label'] == [3, 1, 2, 1]
+
+
+def _config():
+  c = config_lib.base_config({})
+  c.stages.finetune, c.pipeline = config_lib.stage('finetune'), 'finetune'
+  return c
+
+
+def _custom_config(tmp_path, **task):
+  c = _config()
+  c.task.update(train_file=str(tmp_path / 'train.tsv'), dev_file=str(tmp_path / 'dev.tsv'),
+                columns='label,text', max_length=16, **task)
+  return c
+
+
+def test_the_pipeline_reads_a_headerless_01_file_as_classes(tmp_path, minilm):
+  _files(tmp_path, [(0, 'dull'), (1, 'great'), (1, 'fine')], [(0, 'bad'), (1, 'good')])
+  c = _custom_config(tmp_path)
+  validate.validate_config(c, 1)
+  task, data, _ = pipeline.load_task_data(c, minilm)
+  assert task.label_names == ('0', '1') and data.train.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize('fields,message', [
+    (dict(problem='ordinal'), r"config.task.problem='ordinal'; valid: auto, classification"),
+    (dict(problem='regression', label_names='neg,pos'),
+     r'problem=regression with config.task.label_names'),
+])
+def test_config_problem_is_checked(tmp_path, fields, message):
+  _files(tmp_path, [(0, 'a'), (1, 'b')], [(0, 'c')])
+  with pytest.raises(BitbertError, match=message):
+    validate.validate_config(_custom_config(tmp_path, **fields), 1)
+
+
+def test_config_problem_is_for_custom_tasks_only():
+  c = _config()
+  c.task.problem = 'regression'
+  with pytest.raises(BitbertError, match=r"config.task.problem='regression' is for custom tasks"):
+    validate.validate_config(c, 1)

@@ -44,7 +44,7 @@ def test_xtc_ladder_and_augment_pipelines_validate():
   assert [c.stages[n].bits for n in ('quantize_8', 'quantize_2', 'quantize_1')] == [
       '8-8-8', '2-2-8', '1-1-8']
   assert all(c.stages[n].data == 'augmented' for n in ('kd_8', 'kd_2', 'kd_1bit'))
-  c.task.glue_dir = 'sample'
+  c.task.glue_dir = ''
   names = validate.validate_config(c)
   assert names[-1] == 'kd_1bit'
   c = load_config('xtc', 'ladder=8-2-1,ladder_epochs=2-4-12')

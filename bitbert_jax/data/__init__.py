@@ -8,8 +8,10 @@ from bitbert_jax.data.batching import make_batch
 from bitbert_jax.data.batching import num_batches
 from bitbert_jax.data.batching import padding_fraction
 from bitbert_jax.data.corpus import corpus_batches
+from bitbert_jax.data.corpus import corpus_sources
 from bitbert_jax.data.glue import hub_offline
 from bitbert_jax.data.glue import load_custom_split
+from bitbert_jax.data.glue import load_custom_task
 from bitbert_jax.data.glue import load_split
 from bitbert_jax.data.glue import split_names
 from bitbert_jax.data.metrics import compute_metrics
@@ -22,5 +24,3 @@ from bitbert_jax.data.tokenize import encode
 from bitbert_jax.data.tokenize import load_tokenizer
 from bitbert_jax.data.augment import augment_texts
 from bitbert_jax.data.augment import augmented_split
-from bitbert_jax.data.sample import write_sample_corpus
-from bitbert_jax.data.sample import write_sample_glue

@@ -13,6 +13,10 @@ from bitbert_jax.errors import BitbertError
 # Tokenize this many lines per fast-tokenizer call (amortises the Python overhead).
 _LINES_PER_CALL = 1024
 
+# The real text general KD reads when no corpus is named: a WikiText-2 excerpt (SOURCE.md there).
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), 'wikitext')
+SHIPPED_CORPUS = os.path.join(SHIPPED_DIR, 'wikitext-2-valid-excerpt.txt')
+
 
 @dataclasses.dataclass(frozen=True)
 class HubSource:
@@ -45,6 +49,12 @@ def parse_source(spec: str) -> 'str | HubSource':
   if not (path and split and column):
     raise BitbertError(f'corpus source {spec!r}: dataset, split and column must be non-empty')
   return HubSource(path, name or None, split, column)
+
+
+def corpus_sources(spec: str) -> list[str]:
+  """config.corpus (comma-separated files, folders, hub: specs) as a list; '' is the shipped
+  WikiText-2 excerpt."""
+  return [s for s in str(spec).split(',') if s] or [SHIPPED_CORPUS]
 
 
 def is_heading(line: str) -> bool:

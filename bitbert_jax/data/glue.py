@@ -1,15 +1,17 @@
 """GLUE splits from the official TSV layout (or the HF hub), and user splits from tsv/csv/jsonl."""
 
+import collections
 import csv
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import socket
 import sys
 import urllib.parse
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 
@@ -20,6 +22,7 @@ from bitbert_jax.errors import BitbertError
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 HUB_DATASET = 'nyu-mll/glue'
+log = logging.getLogger('bitbert_jax')
 
 _TASK_DIRS = {
     'cola': 'CoLA', 'sst2': 'SST-2', 'mrpc': 'MRPC', 'qqp': 'QQP', 'stsb': 'STS-B',
@@ -138,11 +141,24 @@ def _column_index(path: str, header: list[str], column: str | int, what: str,
   return header.index(column)
 
 
+def _label_parser(label_names: Sequence[str] | None, regression: bool) -> Callable:
+  """(value, 'path:line') -> label, for `_read_table` and `_read_jsonl`."""
+  return lambda value, where: parse_label(value, label_names, regression, where)
+
+
+def _raw_label(value: Any, where: str) -> tuple[str, str]:
+  """A label kept as read (its text and 'path:line'), for labels inferred from the file."""
+  return str(value).strip(), where
+
+
 def _read_table(path: str, text_columns: Sequence[str], label_column: str | int | None,
-                label_names: Sequence[str] | None, regression: bool, delimiter: str,
-                quoting: int, headerless_names: Sequence[str] | None = None,
+                parse: Callable, unlabeled: Any, delimiter: str, quoting: int,
+                headerless_names: Sequence[str] | None = None,
                 out_fields: Sequence[str] | None = None) -> dict[str, list]:
-  """Reads a delimited file into {field: values, 'label': values} with row-level checks."""
+  """Reads a delimited file into {field: values, 'label': values} with row-level checks.
+
+  `parse(value, 'path:line')` reads a label cell; rows of a file without labels get `unlabeled`.
+  """
   out_fields = list(out_fields or text_columns)
   rows = _read_rows(path, delimiter, quoting)
   if headerless_names is None:
@@ -166,9 +182,9 @@ def _read_table(path: str, text_columns: Sequence[str], label_column: str | int 
     for f, i in zip(out_fields, text_idx):
       cols[f].append(row[i])
     if label_idx is None:
-      labels.append(-1.0 if regression else -1)
+      labels.append(unlabeled)
     else:
-      labels.append(parse_label(row[label_idx], label_names, regression, f'{path}:{line}'))
+      labels.append(parse(row[label_idx], f'{path}:{line}'))
   if not labels:
     raise BitbertError(f'{path}: empty split (no data rows)')
   cols['label'] = labels
@@ -228,8 +244,8 @@ def load_split(task: 'str | tasks_lib.TaskSpec', split: str,
   cols = _read_table(
       path, layout.text_columns,
       label_column=None if is_test else layout.label_column,
-      label_names=task.label_names, regression=task.is_regression,
-      delimiter='\t', quoting=csv.QUOTE_NONE,
+      parse=_label_parser(task.label_names, task.is_regression),
+      unlabeled=-1.0 if task.is_regression else -1, delimiter='\t', quoting=csv.QUOTE_NONE,
       # Official test files (CoLA's too) carry a header.
       headerless_names=None if is_test else layout.headerless_names,
       out_fields=task.text_fields)
@@ -273,7 +289,7 @@ def _load_hub_split(task: tasks_lib.TaskSpec, split: str) -> datasets.Dataset:
 
 
 def _read_jsonl(path: str, text_columns: Sequence[str], label_column: str | None,
-                label_names: Sequence[str] | None, regression: bool) -> dict[str, list]:
+                parse: Callable, unlabeled: Any) -> dict[str, list]:
   cols = {c: [] for c in text_columns}
   labels = []
   try:
@@ -307,9 +323,9 @@ def _read_jsonl(path: str, text_columns: Sequence[str], label_column: str | None
                              f'{type(obj[c]).__name__}')
         cols[c].append(obj[c])
       if label_column is None:
-        labels.append(-1.0 if regression else -1)
+        labels.append(unlabeled)
       else:
-        labels.append(parse_label(obj[label_column], label_names, regression, where))
+        labels.append(parse(obj[label_column], where))
   if not labels:
     raise BitbertError(f'{path}: empty split (no data rows)')
   cols['label'] = labels
@@ -336,15 +352,23 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
   Returns:
     Dataset with columns `text_columns` (string) and 'label' (int64, or float32 if regression).
   """
-  path = os.fspath(path)
   if isinstance(text_columns, str):
     text_columns = (text_columns,)
-  text_columns = tuple(text_columns)
+  if label_names is not None:
+    label_names = tuple(str(n) for n in label_names)
+  cols = _read_custom(path, tuple(text_columns), label_column,
+                      _label_parser(label_names, regression), -1.0 if regression else -1, columns)
+  return datasets.Dataset.from_dict(cols, features=_features(text_columns, regression))
+
+
+def _read_custom(path: str, text_columns: tuple[str, ...], label_column: str | None,
+                 parse: Callable, unlabeled: Any,
+                 columns: Sequence[str] | None) -> dict[str, list]:
+  """A user file's {text column: values, 'label': parsed labels}; see `load_custom_split`."""
+  path = os.fspath(path)
   if len(text_columns) not in (1, 2):
     raise BitbertError(f'{path}: text_columns must name one or two columns, '
                        f'got {list(text_columns)}')
-  if label_names is not None:
-    label_names = tuple(str(n) for n in label_names)
   ext = os.path.splitext(path)[1].lower()
   if ext not in ('.tsv', '.csv', '.jsonl'):
     raise BitbertError(f'{path}: unsupported extension {ext!r}; valid: .tsv, .csv, .jsonl')
@@ -358,11 +382,84 @@ def load_custom_split(path: str, text_columns: 'Sequence[str] | str',
     if len(set(columns)) != len(columns) or not all(columns):
       raise BitbertError(f'{path}: column names {list(columns)} must be distinct and non-empty')
   if ext == '.jsonl':
-    cols = _read_jsonl(path, text_columns, label_column, label_names, regression)
-  else:
-    # TSVs in the wild (GLUE included) hold stray quotes; CSV needs quoting for commas.
-    cols = _read_table(path, text_columns, label_column, label_names, regression,
-                       delimiter='\t' if ext == '.tsv' else ',',
-                       quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL,
-                       headerless_names=columns)
-  return datasets.Dataset.from_dict(cols, features=_features(text_columns, regression))
+    return _read_jsonl(path, text_columns, label_column, parse, unlabeled)
+  # TSVs in the wild (GLUE included) hold stray quotes; CSV needs quoting for commas.
+  return _read_table(path, text_columns, label_column, parse, unlabeled,
+                     delimiter='\t' if ext == '.tsv' else ',',
+                     quoting=csv.QUOTE_NONE if ext == '.tsv' else csv.QUOTE_MINIMAL,
+                     headerless_names=columns)
+
+
+def load_custom_task(name: str, train_file: str, dev_file: str, text_columns: Sequence[str],
+                     label_column: str = 'label', label_names: Sequence[str] | None = None,
+                     problem: str = 'auto', columns: Sequence[str] | None = None
+                     ) -> tuple[tasks_lib.TaskSpec, datasets.Dataset, datasets.Dataset]:
+  """A user task and its train and dev splits; labels inferred from train without label_names.
+
+  Args:
+    name: the task's name.
+    train_file, dev_file: .tsv/.csv/.jsonl files (see `load_custom_split`).
+    text_columns: one or two text column names.
+    label_column: the label column.
+    label_names: class names in index order; None infers them from `train_file`.
+    problem: 'auto' (integers or names: classes, sorted, numerically when all are integers;
+      non-integer numbers: a regression), 'classification' or 'regression'.
+    columns: a headerless file's column names, in order.
+
+  Returns:
+    (TaskSpec, train Dataset, dev Dataset). Without label_names one log line says what was
+    inferred; a dev label that no training row has is an error naming the file and line.
+  """
+  tasks_lib.check_problem(problem, ','.join(label_names or ()))
+  text_columns = tuple(text_columns)
+  if label_names or problem == 'regression':
+    task = tasks_lib.custom_task(name, text_columns, label_names or None)
+    load = lambda path: load_custom_split(path, text_columns, label_column, task.label_names,
+                                          task.is_regression, columns)
+    if task.is_regression:
+      log.info('task %s: a regression (config.task.problem=regression)', task.name)
+    return task, load(train_file), load(dev_file)
+  read = lambda path: _read_custom(path, text_columns, label_column, _raw_label, None, columns)
+  train, dev = read(train_file), read(dev_file)
+  names = tasks_lib.infer_label_names([text for text, _ in train['label']], problem,
+                                      os.fspath(train_file))
+  task = tasks_lib.custom_task(name, text_columns, names)
+  for cols in (train, dev):
+    cols['label'] = _classes_or_targets(names, cols['label'], train_file)
+  log.info('task %s: %s', task.name, _inferred(task, train['label'], dev['label'], train_file))
+  make = lambda cols: datasets.Dataset.from_dict(cols, features=_features(
+      text_columns, task.is_regression))
+  return task, make(train), make(dev)
+
+
+def _classes_or_targets(names: tuple[str, ...] | None, raw: list[tuple[str, str]],
+                        train_file: str) -> list:
+  """Class indices of (label text, 'path:line') pairs, or their floats for a regression."""
+  if names is None:
+    return [parse_label(text, None, True, where) for text, where in raw]
+  index = {tasks_lib.label_key(n): i for i, n in enumerate(names)}
+  out = []
+  for text, where in raw:
+    i = index.get(tasks_lib.label_key(text))
+    if i is None:
+      raise BitbertError(f'{where}: label {text!r} does not occur in the training file '
+                         f'{train_file}; its classes: {list(names)}')
+    out.append(i)
+  return out
+
+
+def _inferred(task: tasks_lib.TaskSpec, train: list, dev: list, train_file: str) -> str:
+  """The log line that says how the labels of `train_file` were read, and how to choose."""
+  if task.is_regression:
+    return (f'labels of {train_file} read as a REGRESSION (non-integer numbers, '
+            f'{min(train):g} to {max(train):g}); set config.task.problem=classification to '
+            'take each value as a class')
+  counts = collections.Counter(train)
+  dev_counts = collections.Counter(dev)
+  top, top_n = dev_counts.most_common(1)[0]
+  per_class = ', '.join(f'{n!r}: {counts[i]}' for i, n in enumerate(task.label_names))
+  return (f'labels of {train_file} read as CLASSIFICATION, {task.num_labels} classes in index '
+          f'order {list(task.label_names)} (train rows per class: {per_class}); the dev '
+          f'majority class {task.label_names[top]!r} is {top_n / len(dev):.1%} of its '
+          f'{len(dev)} rows; set config.task.problem=regression for numeric targets, or '
+          'config.task.label_names=A,B,... to name the classes')

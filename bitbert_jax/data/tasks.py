@@ -1,8 +1,9 @@
 """Task specifications: the nine GLUE tasks plus user-defined ones."""
 
 import dataclasses
+import math
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from bitbert_jax.errors import BitbertError
 
@@ -129,3 +130,62 @@ def custom_task(name: str,
     raise BitbertError(f'custom task {name!r}: metric f1 needs exactly 2 labels, '
                        f'got {len(label_names)}')
   return TaskSpec(name.lower(), text_fields, label_names, tuple(metric_names))
+
+
+PROBLEMS = ('auto', 'classification', 'regression')  # config.task.problem
+
+
+def check_problem(problem: str, label_names: str = '') -> None:
+  """config.task.problem is a known kind and agrees with config.task.label_names."""
+  if problem not in PROBLEMS:
+    raise BitbertError(f'config.task.problem={problem!r}; valid: {", ".join(PROBLEMS)} (auto: '
+                       'integer or named labels are classes, non-integer numbers a regression)')
+  if problem == 'regression' and label_names:
+    raise BitbertError(f'config.task.problem=regression with config.task.label_names='
+                       f'{label_names!r}: class names need a classification; drop one of them')
+
+
+def label_key(text: str) -> 'int | float | str':
+  """What identifies a class: its integer or number value (so '1', '01' and '1.0' agree), else
+  its text."""
+  try:
+    return int(text)
+  except ValueError:
+    pass
+  try:
+    value = float(text)
+  except ValueError:
+    return text
+  if not math.isfinite(value):
+    return text
+  return int(value) if value.is_integer() else value
+
+
+def infer_label_names(labels: Sequence[str], problem: str,
+                      source: str) -> 'tuple[str, ...] | None':
+  """Class names in index order read off a training file's labels; None for a regression.
+
+  Args:
+    labels: the raw label texts of every training row.
+    problem: 'auto' (integers or names: classes; non-integer numbers: a regression),
+      'classification' or 'regression'.
+    source: the training file, for the error messages.
+
+  Returns:
+    Sorted class names (numerically when every label is a number), or None for a regression.
+  """
+  check_problem(problem)
+  names = {}  # key -> the name it gets: an integer's canonical text, else its first spelling
+  for text in labels:
+    key = label_key(text)
+    names.setdefault(key, str(key) if isinstance(key, int) else text)
+  numeric = all(not isinstance(k, str) for k in names)
+  if len(names) < 2:
+    only = next(iter(names.values()), None)
+    raise BitbertError(f'{source}: every training label is {only!r}; a single label is nothing to '
+                       'learn: a task needs >= 2 distinct labels')
+  if problem == 'regression' or (problem == 'auto' and numeric and
+                                 any(isinstance(k, float) for k in names)):
+    return None
+  order = sorted(names) if numeric else sorted(names, key=lambda k: names[k])
+  return tuple(names[k] for k in order)

@@ -1,8 +1,9 @@
-"""An offline stand-in for GLUE: small generated TSVs in the official layout, and a KD corpus.
+"""Generated test data: small GLUE-layout TSVs of all nine tasks, and a general-KD corpus.
 
-For runs without GLUE_DIR and without network (smoke tests, demos, CI). Every sentence comes
-from the template grammar below, so the files are a pure function of (task, split, seed) and
-carry a signal a model can learn:
+For tests, which pass the written folder or file as `config.task.glue_dir` / `config.corpus`
+(the package itself trains on real data: GLUE, the shipped sentiment set, the shipped WikiText-2
+excerpt). Every sentence comes from the template grammar below, so the files are a pure function
+of (task, split, seed) and carry a signal a model can learn:
 
 * MRPC / QQP: paraphrases are the same event with synonyms swapped (and the time phrase
   moved); non-paraphrases are unrelated events or the same event with other participants.
