@@ -10,16 +10,7 @@ from bitbert_jax import config_lib, pipeline
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from bitbert_jax.quant import policy_from_name
-
-ROOT = os.path.join(os.path.dirname(__file__), '..')
-
-
-def load_config(name, arg):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from helpers import ROOT, load_config
 
 
 @pytest.fixture(scope='module')
