@@ -1,6 +1,11 @@
 """Plain helpers shared by several test files (fixtures live in conftest.py)."""
+import contextlib
 import importlib.util
+import io
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -94,3 +99,42 @@ def fake_evaluate(batches):
     del args
     return {'validation': {'accuracy': -batches.step}, 'score': float(-batches.step)}
   return evaluate
+
+
+def packed_dev_accuracy(workdir, dev_file, text_columns, label_column, label_names, tmp_dir,
+                        header=True):
+  """Accuracy of WORKDIR/packed, run by `bitbert_jax.predict`'s CLI, on the dev rows the run
+  evaluated (the file's first task.max_dev_examples, cut at task.max_length tokens)."""
+  from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
+  from bitbert_serve import textio  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    task = json.load(f)['task']
+  n = task['max_dev_examples']
+  with open(dev_file, 'rb') as f:
+    lines = f.read().splitlines(keepends=True)[:n + int(header)]
+  head = os.path.join(tmp_dir, 'dev_head.tsv')
+  with open(head, 'wb') as f:
+    f.writelines(lines)
+  _, gold = textio.read_texts(head, text_columns, header, label_column)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rc = predict.main([f'--model={os.path.join(workdir, "packed")}', f'--input={head}',
+                       f'--max_length={task["max_length"]}', '--text_columns', *text_columns,
+                       *([] if header else ['--no_header'])])
+  assert rc == 0
+  predicted = out.getvalue().splitlines()
+  assert len(predicted) == len(gold) == n
+  return float(np.mean([p == label_names[int(g)] for p, g in zip(predicted, gold)]))
+
+
+def on_8_cpu_devices(*args):
+  """tests/sharding_equivalence.py ARGS in a fresh process with 8 forced CPU devices; its JSON."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # The checkout itself on the path: the worker imports this tree, however it was installed.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get('PYTHONPATH')))))
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sharding_equivalence.py')
+  out = subprocess.run([sys.executable, worker, *args], capture_output=True, text=True, env=env,
+                       timeout=900, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
