@@ -58,7 +58,8 @@ def test_model_uses_centered_weights_and_policy_round_trips():
   params = init_params(CFG, bwn)
   params['encoder']['layer_0']['intermediate']['kernel'] += 0.05  # a mean to centre away
   ids = jnp.asarray([[2, 7, 19, 33, 50, 3]], jnp.int32)
-  logits = lambda policy, p: np.asarray(jax.jit(BertModel(CFG, policy).apply)({'params': p}, ids).logits)
+  logits = lambda policy, p: np.asarray(
+      jax.jit(BertModel(CFG, policy).apply)({'params': p}, ids).logits)
   # The same model with float weights (same 8-bit activations), fed the centred binarization.
   float_weights = dataclasses.replace(centered, rules=tuple(
       (pattern, WeightQuant(32)) for pattern, _ in centered.rules))
