@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from bitbert_jax import sharding, train
 from bitbert_jax.data import get_task
@@ -101,10 +102,9 @@ def fake_evaluate(batches):
   return evaluate
 
 
-def packed_dev_accuracy(workdir, dev_file, text_columns, label_column, label_names, tmp_dir,
-                        header=True):
-  """Accuracy of WORKDIR/packed, run by `bitbert_jax.predict`'s CLI, on the dev rows the run
-  evaluated (the file's first task.max_dev_examples, cut at task.max_length tokens)."""
+def packed_dev_logits(workdir, dev_file, text_columns, label_column, tmp_dir, header=True):
+  """(texts, gold label ids, logits) of WORKDIR/packed, run by `bitbert_jax.predict`'s CLI, on
+  the dev rows the run evaluated (the file's first task.max_dev_examples, at task.max_length)."""
   from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
   from bitbert_serve import textio  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -115,16 +115,44 @@ def packed_dev_accuracy(workdir, dev_file, text_columns, label_column, label_nam
   head = os.path.join(tmp_dir, 'dev_head.tsv')
   with open(head, 'wb') as f:
     f.writelines(lines)
-  _, gold = textio.read_texts(head, text_columns, header, label_column)
+  texts, gold = textio.read_texts(head, text_columns, header, label_column)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     rc = predict.main([f'--model={os.path.join(workdir, "packed")}', f'--input={head}',
-                       f'--max_length={task["max_length"]}', '--text_columns', *text_columns,
-                       *([] if header else ['--no_header'])])
+                       f'--max_length={task["max_length"]}', '--logits', '--text_columns',
+                       *text_columns, *([] if header else ['--no_header'])])
   assert rc == 0
-  predicted = out.getvalue().splitlines()
-  assert len(predicted) == len(gold) == n
-  return float(np.mean([p == label_names[int(g)] for p, g in zip(predicted, gold)]))
+  logits = np.array([[float(v) for v in l.split('\t')[1:]] for l in out.getvalue().splitlines()])
+  assert len(texts) == len(gold) == len(logits) == n
+  return texts, np.array([int(g) for g in gold]), logits
+
+
+def assert_dev_metrics_are_the_packed_models(workdir, results, task, dev_file, text_columns,
+                                             label_column, tmp_dir, header=True, atol=1e-4):
+  """results.json's final dev metrics are the final stage's on the dev file's rows, and the
+  packed model (run by the predict CLI) computes that stage's logits, to `atol`."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import pipeline  # pylint: disable=g-import-not-at-top
+  texts, gold, logits = packed_dev_logits(workdir, dev_file, text_columns, label_column, tmp_dir,
+                                          header)
+  stages = os.path.join(workdir, 'stages')
+  state, _ = pipeline.load_stage_output(os.path.join(stages, sorted(os.listdir(stages))[-1]))
+  columns = zip(*texts) if len(text_columns) == 2 else [texts]
+  rows = datasets.Dataset.from_dict({**dict(zip(task.text_fields, map(list, columns))),
+                                     'label': gold.tolist()})
+  with open(os.path.join(workdir, 'config.json')) as f:
+    max_length = json.load(f)['task']['max_length']
+  encoded = data_lib.encode(rows, data_lib.load_tokenizer(os.path.join(workdir, 'packed')), task,
+                            max_length)
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  ours = train.predict(state.model, state.params, state.model_state, encoded, 8, mesh)
+  reported = results['final']['dev']['validation']
+  computed = data_lib.compute_metrics(task, ours, gold)
+  assert set(computed) == set(reported)
+  for k, v in reported.items():
+    assert computed[k] == pytest.approx(v, abs=1e-6), k
+  np.testing.assert_allclose(logits, ours, rtol=0, atol=atol)
 
 
 def on_8_cpu_devices(*args):
