@@ -14,7 +14,7 @@ from bitbert_jax import pipeline
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 import sample_data  # pylint: disable=g-bad-import-order
-from test_pipeline import load_config  # pylint: disable=g-bad-import-order
+from helpers import load_config  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 WEIGHTS = 'model.safetensors'

@@ -1,4 +1,6 @@
 """BiT-style mean-centred binarization: the formula, its planes, the model, and the export refusal."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig, BertModel, init_params
 from bitbert_jax.quant import policy_from_name
 from bitbert_jax.quant.layers import quantized_kernel_planes
-from bitbert_jax.quant.policy import QuantPolicy
+from bitbert_jax.quant.policy import QuantPolicy, WeightQuant
 from bitbert_jax.quant.quantizers import centered_binary, quantize_weight
 
 CFG = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -55,10 +57,24 @@ def test_model_uses_centered_weights_and_policy_round_trips():
   assert all(q.mode == 'bwn' for _, q in ternary.rules)
   params = init_params(CFG, bwn)
   params['encoder']['layer_0']['intermediate']['kernel'] += 0.05  # a mean to centre away
-  ids = jnp.ones((1, 6), jnp.int32)
-  a = BertModel(CFG, bwn).apply({'params': params}, ids).logits
-  b = BertModel(CFG, centered).apply({'params': params}, ids).logits
-  assert np.all(np.isfinite(b)) and not np.allclose(a, b)
+  ids = jnp.asarray([[2, 7, 19, 33, 50, 3]], jnp.int32)
+  logits = lambda policy, p: np.asarray(
+      jax.jit(BertModel(CFG, policy).apply)({'params': p}, ids).logits)
+  # The same model with float weights (same 8-bit activations), fed the centred binarization.
+  float_weights = dataclasses.replace(centered, rules=tuple(
+      (pattern, WeightQuant(32)) for pattern, _ in centered.rules))
+  binarized = jax.tree.map(lambda w: w, params)  # own dicts, same arrays
+  layer = binarized['encoder']['layer_0']
+  for name in ('query', 'key', 'value', 'output'):
+    kernel = layer['attention'][name]['kernel']
+    layer['attention'][name]['kernel'] = jnp.asarray(_expected(kernel, 1), jnp.float32)
+  for name in ('intermediate', 'output'):
+    layer[name]['kernel'] = jnp.asarray(_expected(layer[name]['kernel'], 1), jnp.float32)
+  words = binarized['embeddings']['word_embeddings']
+  words['embedding'] = jnp.asarray(_expected(words['embedding'], CFG.vocab_size), jnp.float32)
+  expected = logits(float_weights, binarized)
+  np.testing.assert_allclose(logits(centered, params), expected, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(logits(bwn, params), expected, atol=1e-3)  # bwn is another model
 
 
 def test_export_refuses_centered_naming_the_field(tmp_path):

@@ -11,85 +11,11 @@ import numpy as np
 import pytest
 
 from bitbert_jax import checkpoint as ckpt_lib
-from bitbert_jax import sharding, train
-from bitbert_jax.data import get_task
-from bitbert_jax.data.tokenize import EncodedSplit, ragged
+from bitbert_jax import train
 from bitbert_jax.errors import BitbertError
-from bitbert_jax.logs import MetricsWriter
-from bitbert_jax.model import BertConfig, init_params
+from bitbert_jax.model import init_params
 from bitbert_jax.train_state import new_state
-
-# Tiny setup shared with test_nonfinite: a 1-layer 16-wide BERT on random token ids.
-TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=32, max_position_embeddings=32, num_labels=2,
-                  label_names=('not_equivalent', 'equivalent'))
-
-
-class Crash(Exception):
-  """Stands in for a kill between two steps."""
-
-
-def tiny_split(n=48, seed=0):
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(5, 16, n).astype(np.int32)
-  ids = [np.concatenate([[2], rng.integers(4, 64, l - 2), [3]]).astype(np.int32)
-         for l in lengths]
-  return EncodedSplit(ragged(ids), ragged([np.zeros(l, np.int32) for l in lengths]),
-                      rng.integers(0, 2, n).astype(np.int32), lengths, 16)
-
-
-class Batches(train.TaskBatches):
-  """TaskBatches that can crash before global step `crash_at` or poison given steps."""
-
-  def __init__(self, crash_at=None, poison=None, poison_value=np.nan):
-    super().__init__(tiny_split(), 8, seed=0)
-    self.crash_at, self.poison, self.poison_value = crash_at, dict(poison or {}), poison_value
-    self.step = 0  # global step of the batch last handed out (1-based)
-
-  def epoch(self, epoch, start=0):
-    for i, batch in enumerate(super().epoch(epoch, start)):
-      self.step = epoch * self.steps_per_epoch() + start + i + 1
-      if self.crash_at is not None and self.step == self.crash_at:
-        raise Crash(f'killed before step {self.step}')
-      if self.step in self.poison:
-        batch = dict(batch, weights=np.full_like(batch['weights'], self.poison[self.step]))
-      yield batch
-
-
-def tiny_train(workdir, batches, **settings):
-  """Runs `train.train` on TINY with a label loss; returns (state, evals)."""
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  kw = dict(lr=1e-3, epochs=2.0, batch_size=8, warmup=0.1, log_every=1,
-            checkpoint_every_steps=1, checkpoint_every_secs=0.0, keep_checkpoints=2,
-            report_memory=False, field='config.stages.tiny')
-  kw.update(settings)
-  state = new_state(TINY, init_params(TINY, rng=jax.random.PRNGKey(0)),
-                    rng=jax.random.PRNGKey(1))
-  writer = MetricsWriter(workdir, enabled=True)
-  try:
-    return train.train(state, name='tiny', objective=train.Objective(('label',)),
-                       settings=train.Settings(**kw), batches=batches, mesh=mesh,
-                       workdir=workdir, writer=writer, task=get_task('mrpc'),
-                       dev_sets={'validation': tiny_split(16, seed=1)})
-  finally:
-    writer.close()
-
-
-def fake_evaluate(batches):
-  """Dev score = -step: the best is always the first evaluation."""
-  def evaluate(*args):
-    del args
-    return {'validation': {'accuracy': -batches.step}, 'score': float(-batches.step)}
-  return evaluate
-
-
-def leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-  for x, y in zip(leaves(a), leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
+from helpers import TINY, Batches, Crash, assert_trees_equal, fake_evaluate, tiny_train
 
 
 # StageCheckpoints on its own.

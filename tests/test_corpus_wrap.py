@@ -14,7 +14,7 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.logs import MetricsWriter
 from bitbert_jax.model import init_params
 from bitbert_jax.train_state import new_state
-from test_checkpoint import TINY, Crash, assert_trees_equal, tiny_split
+from helpers import TINY, Crash, assert_trees_equal, tiny_split
 
 MAX_LENGTH, BATCH, STEPS_PER_EPOCH = 16, 2, 5
 # Each line is its own packed sequence (two never fit in 14 tokens): 5 lines, 2 batches a pass.

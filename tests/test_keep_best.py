@@ -9,8 +9,7 @@ import pytest
 from bitbert_jax import train, validate
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.distill import stages
-from test_checkpoint import Batches, assert_trees_equal, tiny_train
-from test_pipeline import load_config
+from helpers import Batches, assert_trees_equal, load_config, tiny_train
 
 SCORES = {4: 0.2, 8: 0.3, 12: 0.9, 16: 0.5, 20: 0.7, 24: 0.4}  # step -> dev score; best at 12
 

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from helpers import assert_dev_metrics_are_the_packed_models
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 LAUNCH = os.path.join(REPO, 'launch')
 NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
@@ -95,9 +97,14 @@ def test_notebook_runs_smoke_pipeline(glue, tiny_pretrained, tmp_path, monkeypat
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   assert results['task'] == 'mrpc'
-  assert 0.0 <= results['final']['dev']['score'] <= 1.0
+  from bitbert_jax.data import get_task  # pylint: disable=g-import-not-at-top
+  dev = results['final']['dev']
+  assert dev['score'] == pytest.approx(get_task('mrpc').score(dev['validation']))
   if ns['config'].export.packed:  # the quantized student, packed to 1-bit codes
     assert 'packed' in results and os.path.isdir(os.path.join(workdir, 'packed'))
+    assert_dev_metrics_are_the_packed_models(  # its metrics are the packed model's
+        workdir, results, get_task('mrpc'), os.path.join(glue, 'MRPC', 'dev.tsv'),
+        ['#1 String', '#2 String'], 'Quality', str(tmp_path))
   names = ns['config'].pipeline.split(',')
   assert list(results['stages']) == names
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -9,7 +9,7 @@ import pytest
 
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import train
-from test_checkpoint import Batches, Crash, fake_evaluate, tiny_train
+from helpers import Batches, Crash, fake_evaluate, tiny_train
 
 
 def rows(workdir):

@@ -54,7 +54,45 @@ def test_kl_attention_and_temperature_reach_the_loss():
   assert kl['hidden'] == mse['hidden']
 
 
-def test_stage_fields_build_the_objective():
-  from bitbert_jax import config_lib
-  s = config_lib.stage('task_kd')
-  assert (s.pred_weight, s.attn_weight, s.hidden_weight, s.attn_loss) == (1.0, 1.0, 1.0, 'mse')
+def test_stage_fields_build_the_objective(monkeypatch):
+  """A task_kd stage's losses, weights, attn_loss and temperature fields make the loss it trains."""
+  import types  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.data import get_task  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.distill import stages  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.train_state import new_state  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_split  # pylint: disable=g-import-not-at-top
+  student, teacher = init_params(CFG, rng=jax.random.PRNGKey(1)), init_params(CFG)
+
+  def stage_loss(**fields):
+    """The loss (and its terms) of the objective the stage hands to the trainer."""
+    handed = {}
+    monkeypatch.setattr(train, 'train', lambda state, **kw: (handed.update(kw), (state, None))[1])
+    ctx = stages.StageContext(
+        name='kd', stage=config_lib.stage('task_kd', **fields), config=config_lib.base_config({}),
+        workdir='', mesh=None, writer=None, task=get_task('mnli'),
+        teacher=train.Teacher(CFG, teacher),
+        data=types.SimpleNamespace(train=tiny_split(), dev=None, augmented=None))
+    stages.task_kd(new_state(CFG, student, rng=jax.random.PRNGKey(2)), ctx)
+    fn = train.make_loss_fn(BertModel(CFG), BertModel(CFG), handed['objective'], False)
+    loss, (terms, _) = fn(student, {}, {}, _batch(), teacher, jax.random.PRNGKey(0))
+    return float(loss), {k: float(v) for k, v in terms.items() if '/' not in k}
+
+  b = _batch()
+  s = BertModel(CFG).apply({'params': student}, b['input_ids'], b['attention_mask'])
+  t = BertModel(CFG).apply({'params': teacher}, b['input_ids'], b['attention_mask'])
+  soft = lambda temperature: float(losses.soft_cross_entropy(s.logits, t.logits, b['weights'],
+                                                             temperature))
+  kl = sum(float(losses.attention_kl(s.attention_scores[i], t.attention_scores[i],
+                                     b['attention_mask'], b['weights'])) for i in range(2))
+  loss, terms = stage_loss(pred_weight=2.0, attn_weight=0.5, hidden_weight=0.0, attn_loss='kl',
+                           temperature=2.0)
+  assert set(terms) == {'pred', 'attn', 'hidden'} and terms['hidden'] > 0
+  assert terms['pred'] == pytest.approx(soft(2.0), rel=1e-5)
+  assert terms['attn'] == pytest.approx(kl, rel=1e-5)
+  assert loss == pytest.approx(2.0 * soft(2.0) + 0.5 * kl, rel=1e-5)
+  loss, terms = stage_loss(losses='stage2', pred_weight=3.0)
+  assert set(terms) == {'pred'} and loss == pytest.approx(3.0 * soft(1.0), rel=1e-5)
+  loss, terms = stage_loss(losses='stage1')  # the defaults: every weight 1, MSE attention
+  assert set(terms) == {'attn', 'hidden'} and terms['attn'] != pytest.approx(kl, rel=1e-3)
+  assert loss == pytest.approx(terms['attn'] + terms['hidden'], rel=1e-6)

@@ -11,7 +11,7 @@ from bitbert_jax import data as data_lib
 from bitbert_jax import paths, pipeline, train
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
-from test_pipeline import load_config  # pylint: disable=g-bad-import-order
+from helpers import load_config  # pylint: disable=g-bad-import-order
 
 
 def test_every_path_is_made_absolute_from_the_current_directory(tmp_path, monkeypatch):

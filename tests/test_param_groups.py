@@ -2,12 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from bitbert_jax import optim, sharding, train
+from bitbert_jax import optim, train
 from bitbert_jax.model import BertConfig, init_params
 from bitbert_jax.quant import policy_from_name
-from bitbert_jax.train_state import new_state
+from helpers import on_8_cpu_devices
 
 TINY = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                   intermediate_size=32, max_position_embeddings=32, num_labels=2)
@@ -60,16 +59,27 @@ def test_one_group_unless_asked():
 
 
 def test_sharded_state_of_grouped_optimizer_with_accumulation():
-  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
-  tx, _ = optim.make_optimizer(1e-2, 10, 1, float_lr=1e-3, labels=train.param_labels(POLICY))
-  tx = optax.MultiSteps(tx, every_k_schedule=2)
-  state = new_state(TINY, init_params(TINY, POLICY), POLICY)
-  state = state.replace(opt_state=jax.eval_shape(tx.init, (state.params, state.aux_params)))
-  sh = train.state_shardings(mesh, state, tx)
-  assert (jax.tree_util.tree_structure(sh.opt_state, is_leaf=lambda x: x is None) ==
-          jax.tree_util.tree_structure(state.opt_state, is_leaf=lambda x: x is None))
-  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)((state.params, state.aux_params))
-  assert jax.tree.leaves(opt_state)
+  # Two groups, two micro-batches per update, on 8 devices (2x2x2) against one device.
+  runs = on_8_cpu_devices('grouped_accumulation', '1x1x1', '2x2x2')
+  one, eight = runs['1x1x1'], runs['2x2x2']
+  assert (one['devices'], eight['devices']) == (1, 8)
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)
+  for a, b in zip(eight['params'], one['params'], strict=True):
+    for x, y in zip(a, b, strict=True):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  flat = [np.concatenate(p) for p in one['params']]  # before and after each micro-batch
+  changed = [not np.allclose(flat[i + 1], flat[i]) for i in range(4)]
+  assert changed == [False, True, False, True]  # an update every second micro-batch
+  # Each sharded weight's accumulated gradient and Adam moments (in its group) are sharded alike.
+  sharded = {k: v for k, v in eight['param_specs'].items() if 'fsdp' in v or 'tensor' in v}
+  assert sharded["['encoder']['layer_0']['attention']['query']['kernel']"] == "P('fsdp', 'tensor')"
+  for path, spec in sharded.items():
+    quant = 'word_embeddings' in path or (path.startswith("['encoder']") and
+                                          path.endswith("['kernel']"))
+    state = {k: v for k, v in eight['opt_specs'].items() if k.endswith('[0]' + path)}
+    assert len(state) == 3 and set(state.values()) == {spec}, (path, state)  # acc, mu, nu
+    group = f"inner_states['{'quant' if quant else 'float'}']"
+    assert sum(group in k for k in state) == 2, (path, state)
 
 
 def test_group_fields_parse_from_the_command_line():

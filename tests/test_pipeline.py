@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 
 from bitbert_jax import config_lib, pipeline
+from bitbert_jax.data import get_task
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from bitbert_jax.quant import policy_from_name
-
-ROOT = os.path.join(os.path.dirname(__file__), '..')
-
-
-def load_config(name, arg):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from helpers import ROOT, assert_dev_metrics_are_the_packed_models, load_config
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +27,7 @@ def test_xtc_writes_results_for_every_stage(xtc_run):
   assert list(results['stages']) == ['finetune', 'reduce', 'quantize', 'kd_1bit']
   assert results['stages']['kd_1bit']['policy'] == '1-1-8'
   dev = results['final']['dev']['validation']
-  assert 0.0 <= dev['accuracy'] <= 1.0 and 'f1' in dev
+  assert {'accuracy', 'f1'} <= set(dev)
   assert results['final']['model_config']['num_hidden_layers'] == 1
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['task'] == 'mrpc'
@@ -47,13 +39,34 @@ def test_xtc_writes_results_for_every_stage(xtc_run):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
+def test_final_dev_metrics_are_the_packed_models(xtc_run, tmp_path):
+  config, workdir, results = xtc_run
+  assert_dev_metrics_are_the_packed_models(
+      workdir, results, get_task('mrpc'), os.path.join(config.task.glue_dir, 'MRPC', 'dev.tsv'),
+      ['#1 String', '#2 String'], 'Quality', str(tmp_path))
+
+
 def test_teacher_is_exported_for_transformers(xtc_run):
+  """transformers' own PyTorch BERT reads the fine-tuned teacher and computes its logits."""
+  torch = pytest.importorskip('torch')
+  import transformers  # pylint: disable=g-import-not-at-top
   _, workdir, _ = xtc_run
-  from bitbert_jax import hf
-  cfg, params = hf.load_hf_checkpoint(os.path.join(workdir, 'stages', '00_finetune', 'hf'))
-  assert cfg.num_labels == 2 and cfg.label_names == ('not_equivalent', 'equivalent')
-  state, info = pipeline.load_stage_output(os.path.join(workdir, 'stages', '00_finetune'))
-  np.testing.assert_array_equal(params['classifier']['kernel'], state.params['classifier']['kernel'])
+  out = os.path.join(workdir, 'stages', '00_finetune', 'hf')
+  model, info = transformers.BertForSequenceClassification.from_pretrained(
+      out, attn_implementation='eager', output_loading_info=True)
+  assert not any(info.values()), info  # every weight read, none missing, none left over
+  assert [model.config.id2label[i] for i in range(2)] == ['not_equivalent', 'equivalent']
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  batch = tok(['The cat sleeps on the mat.', 'Stocks fell sharply today.'],
+              ['A cat is sleeping.', 'The market rose.'], padding=True, return_tensors='np')
+  with torch.no_grad():
+    theirs = model.eval()(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
+  state, _ = pipeline.load_stage_output(os.path.join(workdir, 'stages', '00_finetune'))
+  ours = state.model.apply(
+      {'params': state.params}, batch['input_ids'], batch['attention_mask'],
+      batch['token_type_ids']).logits
+  np.testing.assert_allclose(theirs, np.asarray(ours), rtol=0, atol=1e-4)
+  assert not np.allclose(theirs[0], theirs[1])  # the two inputs give two answers
 
 
 def test_student_is_reduced_teacher_then_quantized(xtc_run):

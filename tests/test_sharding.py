@@ -1,16 +1,11 @@
 """Sharded train steps: mesh validation, and equal results on 8 forced CPU devices."""
-import json
-import os
-import subprocess
-import sys
-
-import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from bitbert_jax import sharding
 from bitbert_jax.errors import BitbertError
+from helpers import on_8_cpu_devices
 
 MESHES = ('1x1x1', '8x1x1', '2x4x1', '2x2x2', '1x1x8')
 
@@ -27,24 +22,18 @@ def test_mesh_resolves_minus_one_and_refuses_misfits():
 
 
 def test_batch_size_must_divide_data_axes():
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-  sharding.check_batch_size(8 * mesh.shape['data'], mesh)
-  if mesh.shape['data'] > 1:
-    with pytest.raises(BitbertError, match='not divisible'):
-      sharding.check_batch_size(mesh.shape['data'] + 1, mesh)
+  # Batches split over data x fsdp; the tensor axis holds the whole batch.
+  got = on_8_cpu_devices('batch_sizes', '2x2x2', '8x1x1', '1x1x8')
+  assert got['2x2x2']['accepted'] == [4, 8, 12, 16]
+  assert got['8x1x1']['accepted'] == [8, 16]
+  assert got['1x1x8']['accepted'] == list(range(1, 17))
+  assert got['2x2x2']['error'].startswith(
+      'batch_size=15 is not divisible by the data-parallel mesh size 4')
 
 
 @pytest.fixture(scope='module')
 def runs():
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  # The checkout itself on the path: the worker imports this tree, however it was installed.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get('PYTHONPATH')))))
-  worker = os.path.join(os.path.dirname(__file__), 'sharding_equivalence.py')
-  out = subprocess.run([sys.executable, worker, *MESHES], capture_output=True, text=True,
-                       env=env, timeout=900, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return on_8_cpu_devices(*MESHES)
 
 
 @pytest.mark.parametrize('mesh', MESHES[1:])

@@ -15,7 +15,7 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from bitbert_jax.model import BertConfig, init_params
 
-import test_pipeline
+from helpers import load_config
 
 MRPC = ('not_equivalent', 'equivalent')
 LINES = 'A man is playing a guitar.\tA man plays the guitar.\nThe cat sleeps.\tStocks fell today.\n'
@@ -35,7 +35,7 @@ def xtc_workdir(tmp_path_factory, minilm, glue):
                    label_names=MRPC)
   teacher = str(tmp_path_factory.mktemp('teacher') / 'hf')
   hf.save_hf_checkpoint(cfg, init_params(cfg), teacher, tokenizer_dir=minilm)
-  config = test_pipeline.load_config('xtc', f'preset=smoke,teacher={teacher},layers=1')
+  config = load_config('xtc', f'preset=smoke,teacher={teacher},layers=1')
   config.task.glue_dir = glue
   workdir = str(tmp_path_factory.mktemp('xtc'))
   run(config, workdir)

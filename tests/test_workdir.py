@@ -46,7 +46,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lock(holder):
 
 def test_run_on_a_busy_workdir_writes_nothing(holder, tiny_pretrained, glue):
   from bitbert_jax.main import run
-  from test_pipeline import load_config  # pylint: disable=g-import-not-at-top
+  from helpers import load_config  # pylint: disable=g-import-not-at-top
   workdir, _ = holder
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write('{"first": "run"}')
