@@ -75,12 +75,18 @@ class PackedModel:
       return self._logits_fn(self.variables, input_ids, attention_mask, token_type_ids)
 
   def encode(self, texts, max_length=128):
-    """Texts or pairs -> int32 input arrays [N, L] (`bitbert_serve.encoding.encode_texts`)."""
+    """Texts or pairs -> int32 input arrays [N, L] (`encode_texts`)."""
     if self.tokenizer is None:
       raise BitbertError(f'{self.directory}: no tokenizer files; export with tokenizer_dir')
-    batch = encoding.encode_texts(self.tokenizer.backend_tokenizer, texts, max_length,
-                                  pad=self.tokenizer.pad_token_id)
-    return {k: v.astype(np.int32) for k, v in batch.items()}
+    return encode_texts(self.tokenizer, texts, max_length)
+
+
+def encode_texts(tokenizer, texts, max_length):
+  """Texts (str) or pairs ((a, b)) -> dict of int32 [N, L] arrays with a transformers fast
+  tokenizer: `bitbert_serve.encoding.encode_texts` on its backend, with its padding id."""
+  batch = encoding.encode_texts(tokenizer.backend_tokenizer, texts, max_length,
+                                pad=tokenizer.pad_token_id)
+  return {k: v.astype(np.int32) for k, v in batch.items()}
 
 
 def _load_tokenizer(directory, manifest):
