@@ -80,8 +80,8 @@ def tiny_pretrained(tmp_path_factory, minilm):
 def dense_io(model, params, args, feed=None):
   """Runs model -> ({QDense path: input}, {path: output}); inputs replaced by feed[path].
 
-  A packed model's layers run on their codes (`packed.layers.packed_mode`); the hook sits
-  outside that mode, so it sees and feeds every quantized layer either way.
+  A packed model's layers run on their codes (`packed.layers.packed_mode`); the hook is
+  registered before that mode, so it runs first and sees and feeds every layer either way.
   """
   import flax.linen as nn
   from bitbert_jax.packed import layers
@@ -97,7 +97,7 @@ def dense_io(model, params, args, feed=None):
     inputs[path], outputs[path] = x, y
     return y
 
-  with layers.packed_mode(), nn.intercept_methods(hook):  # the hook outermost
+  with nn.intercept_methods(hook), layers.packed_mode():  # the first one registered runs first
     model.apply({'params': params}, *args)
   return inputs, outputs
 
