@@ -239,6 +239,19 @@ def tiny_packed(tmp_path_factory):
                      tokenizer_dir=_minilm_dir())
 
 
+def test_packed_weights_run_only_under_packed_mode(tiny_packed):
+  """The quantized layers refuse packed codes; `packed.layers` runs them (what load_packed's
+  logits do)."""
+  model = load_packed(tiny_packed, tokenizer=False)
+  bert, batch = BertModel(TINY, model.policy), _tiny_batch(2)
+  args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+  with pytest.raises(BitbertError, match=r'embeddings/word_embeddings/embedding: the policy '
+                                         r'holds packed weights.*packed_mode'):
+    bert.apply(model.variables, *args)
+  got = jax.jit(lambda v: layers.apply(bert, v, *args).logits)(model.variables)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(model.logits(*args)))
+
+
 def test_predict_texts_and_pairs(tiny_packed):
   model = load_packed(tiny_packed)
   logits, labels = predict_texts(model, ['a short sentence .', 'another one'], batch_size=4)
