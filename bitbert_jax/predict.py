@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from bitbert_jax import paths
-from bitbert_jax.errors import BitbertError
 from bitbert_jax.packed import model as packed_model
 from bitbert_jax.packed.format import PRECISIONS
 from bitbert_serve import textio
@@ -28,16 +27,8 @@ def main(argv=None):
   args.model = paths.absolute(args.model)
   if args.input != '-':
     args.input = paths.absolute(args.input)
-  try:
-    cols = textio.text_columns(args.text_columns)
-    texts = textio.read_texts(args.input, cols, header=not args.no_header)
-    model = packed_model.load_packed(args.model, precision=args.precision)
-    logits, labels = packed_model.predict(model, texts, args.batch_size, args.max_length)
-  except BitbertError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  textio.write_predictions(labels, logits, args.logits)
-  return 0
+  return textio.run(args, lambda: packed_model.load_packed(args.model, precision=args.precision),
+                    packed_model.predict)
 
 
 if __name__ == '__main__':

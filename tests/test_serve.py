@@ -87,8 +87,9 @@ def test_cli_one_line_per_input_line_or_an_error(dirs, capsys, monkeypatch, data
     assert out == '' and err.startswith(want)
 
 
-def test_cli_refuses_a_packed_directory(dirs, capsys):
-  assert cli.main([f'--model={dirs[0]}', f'--input={os.devnull}']) == 1
+def test_cli_refuses_a_packed_directory(dirs, capsys, monkeypatch):
+  monkeypatch.setattr('sys.stdin', _Stdin(b'a\tb\n'))
+  assert cli.main([f'--model={dirs[0]}', '--no_header']) == 1
   assert 'expected \'bitbert-onnx\'' in capsys.readouterr().err
 
 
