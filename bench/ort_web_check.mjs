@@ -1,5 +1,5 @@
 // onnxruntime-web (wasm backend, in Node) on an exported model.onnx: the node side of
-// bench/ort_web_check.py, which writes the inputs and compares the logits.
+// bench/onnx_check.py --node_modules_dir=DIR, which writes the inputs and compares the logits.
 //
 // Needs `npm install onnxruntime-web@1.30.0` in NODE_MODULES_DIR (the dir holding node_modules,
 // or node_modules itself):

@@ -7,7 +7,7 @@ Latency, load and memory: each variant runs in its own subprocess so that peak R
 (resource.getrusage ru_maxrss) is its own:
   fp32    BertModel with no quantization, weights from MiniLM's model.safetensors (float32);
   fake    the fake-quantized 1-1-8 model (latent float32 weights, quantized every call);
-  packed  bitbert_jax.predict.load_packed on a 1-1-8 export of the same weights (uint8 codes,
+  packed  bitbert_jax.packed.model.load_packed on a 1-1-8 export of the same weights (uint8 codes,
           int8 x int8 -> int32 matmuls).
 Per variant: load time (files -> ready params; packed includes its sha256 check and the shape
 check against the model), compile time (first call), median latency at batch 1 and 32 (sequence
@@ -52,7 +52,8 @@ def run_variant(variant, packed_dir, repeats):
   import jax  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top,unused-import
   del transformers  # imported for the baseline only
-  from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed import layers  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed.model import load_packed  # pylint: disable=g-import-not-at-top
   from bitbert_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
   from bitbert_jax.model import BertModel  # pylint: disable=g-import-not-at-top
   from bitbert_jax.quant import QuantPolicy, policy_from_name  # pylint: disable=g-import-not-at-top
@@ -60,7 +61,7 @@ def run_variant(variant, packed_dir, repeats):
   base = _rss_mib()  # runtime and every module imported: the rest is this variant's data
   t0 = time.perf_counter()
   if variant == 'packed':
-    m = predict.load_packed(packed_dir, tokenizer=False)  # FP32 loads no tokenizer either
+    m = load_packed(packed_dir, tokenizer=False)  # FP32 loads no tokenizer either
     config, variables = m.config, m.variables
     model = BertModel(config, m.policy)
   else:
@@ -70,7 +71,7 @@ def run_variant(variant, packed_dir, repeats):
   jax.tree.map(lambda x: x.block_until_ready(), variables)
   load_s = time.perf_counter() - t0
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(variables))
-  fn = jax.jit(lambda v, i, m, t: model.apply(v, i, m, t).logits)
+  fn = jax.jit(lambda v, i, m, t: layers.apply(model, v, i, m, t).logits)  # packed: on codes
   out = {'variant': variant, 'load_s': load_s, 'param_mib': param_bytes / 2**20}
   for bs in (1, 32):
     args = _batch(bs, 128, config.vocab_size)
@@ -94,11 +95,11 @@ def latency_bench(repeats):
 
 
 def _latency_bench(tmp, repeats):
-  from bitbert_jax import export  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed import write  # pylint: disable=g-import-not-at-top
   from bitbert_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
   from bitbert_jax.quant import policy_from_name  # pylint: disable=g-import-not-at-top
   config, params = load_hf_checkpoint(_minilm_dir(), num_labels=2)
-  packed = export.pack(config, params, policy_from_name('1-1-8'), os.path.join(tmp, 'packed'),
+  packed = write.pack(config, params, policy_from_name('1-1-8'), os.path.join(tmp, 'packed'),
                        tokenizer_dir=_minilm_dir())
   del params
   rows = []
@@ -106,7 +107,7 @@ def _latency_bench(tmp, repeats):
     res = subprocess.run([sys.executable, __file__, f'--variant={variant}', f'--packed={packed}',
                           f'--repeats={repeats}'], capture_output=True, text=True, check=True)
     rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-  report = export.size_report(packed)
+  report = write.size_report(packed)
   print(f'MiniLM-L6-H384 (real weights), 1-1-8 packed: weights file '
         f'{report["weights_file_bytes"] / 2**20:.2f} MiB vs FP32 '
         f'{report["fp32_bytes"] / 2**20:.1f} MiB ({report["ratio_vs_fp32"]:.1f}x); '
@@ -124,11 +125,12 @@ def size_bench():
 
 
 def _size_bench(tmp):
-  from bitbert_jax import export  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed import write  # pylint: disable=g-import-not-at-top
   from bitbert_jax.model import BertConfig  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.model.shapes import random_params  # pylint: disable=g-import-not-at-top
   from bitbert_jax.quant import policy_from_name  # pylint: disable=g-import-not-at-top
   base = BertConfig(num_labels=2)  # BERT-base: 12 x 768, vocab 30522, 512 positions
-  teacher_fp32 = export.fp32_bytes(base)
+  teacher_fp32 = write.fp32_bytes(base)
   policy = policy_from_name('1-1-8')
   print(f'reference: 12-layer BERT-base FP32 parameters = {teacher_fp32 / 1e6:.1f} MB')
   print('model | weights file MB | information MB | overhead | directory MB | '
@@ -136,9 +138,9 @@ def _size_bench(tmp):
   for layers in (12, 6):
     config = base.replace(num_hidden_layers=layers)
     t0 = time.perf_counter()
-    out = export.pack(config, export.random_params(config, policy, seed=layers), policy,
+    out = write.pack(config, random_params(config, policy, seed=layers), policy,
                       os.path.join(tmp, f'l{layers}'), tokenizer_dir=_minilm_dir())
-    r = export.size_report(out, reference_fp32_bytes=teacher_fp32)
+    r = write.size_report(out, reference_fp32_bytes=teacher_fp32)
     print(f'1-bit {layers}L BERT-base | {r["weights_file_bytes"] / 1e6:.2f} | '
           f'{r["information_bytes"] / 1e6:.2f} | {100 * r["overhead"]:.3f}% | '
           f'{r["directory_bytes"] / 1e6:.2f} | {r["ratio_vs_fp32"]:.1f}x | '

@@ -6,7 +6,7 @@ forward passes after --warmup untimed ones, for:
   torch int8          torch.ao.quantization.quantize_dynamic(nn.Linear -> qint8) of it
   ort fp32            the teacher exported with torch.onnx.export, ONNX Runtime (all graph opts)
   ort int8            onnxruntime.quantization.quantize_dynamic(QInt8 weights) of that file
-  jax packed          bitbert_jax.predict.PackedModel.logits of the student's packed directory,
+  jax packed          bitbert_jax.packed.model.PackedModel.logits of the student's packed directory,
                       float ops in float64 and float32 (predict's default)
   ours onnx           the student's model.onnx (bitbert_jax.export --format=onnx), ONNX Runtime,
                       --precision=float64 (reproduces predict's float64) and float32 (default)
@@ -123,17 +123,19 @@ def ort_anchors(fp32_torch, workdir, threads, seq):
 def ours(student, workdir, threads):
   """The student's packed directory (JAX) and ONNX model; student: packed dir or checkpoint."""
   import jax  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import export, onnx_export, predict  # pylint: disable=g-import-not-at-top
   from bitbert_jax.packed import format as fmt  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed import onnx_export, write  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed.model import load_packed  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed.student import load_student  # pylint: disable=g-import-not-at-top
   packed = student
   if not os.path.isfile(os.path.join(student, fmt.MANIFEST)):
-    s = export.load_student(student)
-    packed = export.pack(s.config, s.params, s.policy, os.path.join(workdir, 'packed'),
-                         tokenizer_dir=s.tokenizer_dir, model_state=s.model_state)
+    s = load_student(student)
+    packed = write.pack(s.config, s.params, s.policy, os.path.join(workdir, 'packed'),
+                        tokenizer_dir=s.tokenizer_dir, model_state=s.model_state)
   weights = os.path.getsize(os.path.join(packed, fmt.WEIGHTS))
   rows = []
   for precision in ('float64', 'float32'):
-    model = predict.load_packed(packed, precision=precision)
+    model = load_packed(packed, precision=precision)
 
     def jax_make(batch, model=model):
       b = {k: v.astype(np.int32) for k, v in batch.items()}

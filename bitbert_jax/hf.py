@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
-from bitbert_jax.model.bert import init_params
+from bitbert_jax.model import shapes as shapes_lib
 from bitbert_jax.model.config import BertConfig, PROBLEM_TYPES
 
 SAFETENSORS = 'model.safetensors'
@@ -104,12 +104,6 @@ def _num_layers(flat):
   return len({p.split('/')[1] for p in flat if p.startswith('encoder/layer_')})
 
 
-def expected_shapes(config):
-  """Our parameter path -> shape for a float (unsplit) model of this config."""
-  abstract = jax.eval_shape(lambda: init_params(config))
-  return {p: tuple(s.shape) for p, s in _flatten(abstract).items()}
-
-
 def params_to_hf_state_dict(params, prefix=None):
   """Our params -> {HF name: float32 numpy array in PyTorch layout}.
 
@@ -160,7 +154,7 @@ def hf_state_dict_to_params(tensors, config, source='state dict', dtypes=None):
   by_name = {}
   for name in list(tensors) + list(dtypes):
     by_name.setdefault(_normalize_name(name), name)
-  shapes = expected_shapes(config)
+  shapes = shapes_lib.expected_shapes(config)
   rows = hf_names(config.num_hidden_layers, bool(config.num_labels))
   missing_rows = sorted(set(shapes) - {ours for ours, _, _ in rows})
   if missing_rows:  # the model grew a parameter the table does not know
@@ -354,26 +348,6 @@ def load_hf_checkpoint(path_or_hub_id, num_labels=None, problem_type=None, label
   return config, jax.tree.map(jnp.asarray, params)
 
 
-def _check_params(config, params):
-  """Params must be the float (unsplit) tree of `config` to become a HF checkpoint."""
-  shapes = expected_shapes(config)
-  flat = _flatten(params)
-  for path in sorted(set(shapes) | set(flat)):
-    if path not in flat:
-      raise BitbertError(f'params: {path} missing for this config (shape {list(shapes[path])})')
-    if path not in shapes:
-      raise BitbertError(f'params: {path} is not a parameter of this config '
-                         f'(num_labels={config.num_labels})')
-    shape = tuple(np.shape(flat[path]))
-    if shape == (2,) + shapes[path]:
-      raise BitbertError(f'params: {path} has a split leading axis of 2 (shape {list(shape)}); '
-                         f'a Hugging Face checkpoint holds one float weight: merge or '
-                         f'dequantize the split model before exporting')
-    if shape != shapes[path]:
-      raise BitbertError(f'params: {path} has shape {list(shape)}; expected '
-                         f'{list(shapes[path])} for this config')
-
-
 def _tokenizer_files(tokenizer_dir):
   if tokenizer_dir is None:
     return []
@@ -401,7 +375,9 @@ def save_hf_checkpoint(config, params, out_dir, tokenizer_dir=None, overwrite=Fa
   tokenizer files. Written into a temporary directory beside out_dir and renamed, so a failure
   leaves nothing half-written. overwrite: replace an existing out_dir.
   """
-  _check_params(config, params)
+  shapes_lib.check_params(config, params, model='this config', split_hint=(
+      'a Hugging Face checkpoint holds one float weight: merge or dequantize the split model '
+      'before exporting'))
   state_dict = params_to_hf_state_dict(params)
   tokenizer_files = _tokenizer_files(tokenizer_dir)
   out_dir = os.path.abspath(os.fspath(out_dir))

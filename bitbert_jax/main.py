@@ -68,12 +68,12 @@ def run(config, workdir):
 
 def _export(config, workdir, state, tokenizer_dir, results):
   if config.export.packed and state.policy.enabled:
-    from bitbert_jax import export  # pylint: disable=g-import-not-at-top
+    from bitbert_jax.packed import write  # pylint: disable=g-import-not-at-top
     out = os.path.join(workdir, 'packed')
-    export.pack(state.model_config, state.params, state.policy, out, tokenizer_dir=tokenizer_dir,
-                float_dtype=config.export.float_dtype, model_state=state.model_state,
-                overwrite=True)
-    results['packed'] = export.size_report(out)
+    write.pack(state.model_config, state.params, state.policy, out, tokenizer_dir=tokenizer_dir,
+               float_dtype=config.export.float_dtype, model_state=state.model_state,
+               overwrite=True)
+    results['packed'] = write.size_report(out)
     from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from bitbert_jax.errors import BitbertError
-from bitbert_jax.quant import packing
+from bitbert_jax.quant import groups as groups_lib
 from bitbert_jax.quant import quantizers
 from bitbert_jax.quant.layers import quantized_embedding_planes, quantized_kernel_planes
 
@@ -117,7 +117,7 @@ def split_ternary(w, num_groups=1, codes=None, alpha=None):
   if codes is None:
     t, alpha = _ternary_groups(w, num_groups)
   else:
-    packing.group_size(w.shape, num_groups)  # raises when num_groups does not divide w
+    groups_lib.group_size(w.shape, num_groups)  # raises when num_groups does not divide w
     t = np.asarray(codes, np.float64).reshape(num_groups, -1)
     alpha = np.asarray(alpha, np.float64).reshape(num_groups)
     if t.size != w.size or not np.all(np.isin(t, (-1.0, 0.0, 1.0))):

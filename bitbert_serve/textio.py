@@ -1,8 +1,8 @@
-"""Reading the inputs of the prediction CLIs: one text (or pair) per input line, never fewer.
+"""The prediction CLIs' input and output: one text (or pair) per input line, one line out each.
 
 Standard library only: `bitbert_jax.predict` (JAX) and `bitbert_serve` (ONNX Runtime, no JAX)
-read their input here, so both keep one output line per input line, or stop with one error
-naming the line:
+share their flags, input reading and output here (`run`), so both keep one output line per input
+line, or stop with one error naming the line:
   * an empty line is an empty text when one column is read, and an error when two are;
   * a line that is not UTF-8 is an error naming the line and the byte (not a traceback).
 """
@@ -124,3 +124,17 @@ def add_arguments(parser):
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--max_length', type=int, default=128)
   parser.add_argument('--logits', action='store_true', help='also print the logits')
+
+
+def run(args, load, predict):
+  """The body of both CLIs: read the inputs, load(), predict(model, texts, batch_size,
+  max_length), print one line per input; 0, or 1 after printing the BitbertError's one line."""
+  try:
+    texts = read_texts(args.input, text_columns(args.text_columns), header=not args.no_header)
+    model = load()
+    logits, labels = predict(model, texts, args.batch_size, args.max_length)
+  except BitbertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  write_predictions(labels, logits, args.logits)
+  return 0

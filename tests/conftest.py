@@ -71,3 +71,54 @@ def tiny_pretrained(tmp_path_factory, minilm):
   out = str(tmp_path_factory.mktemp('tiny') / 'bert')
   hf.save_hf_checkpoint(cfg, init_params(cfg, rng=jax.random.PRNGKey(1)), out, tokenizer_dir=minilm)
   return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed-model helpers: every quantized dense layer of two models, fed the same input.
+
+
+def dense_io(model, params, args, feed=None):
+  """Runs model -> ({QDense path: input}, {path: output}); inputs replaced by feed[path].
+
+  A packed model's layers run on their codes (`packed.layers.packed_mode`); the hook is
+  registered before that mode, so it runs first and sees and feeds every layer either way.
+  """
+  import flax.linen as nn
+  from bitbert_jax.packed import layers
+  from bitbert_jax.quant.layers import QDense
+  inputs, outputs = {}, {}
+
+  def hook(next_fun, a, kw, context):
+    if not (isinstance(context.module, QDense) and context.method_name == '__call__'):
+      return next_fun(*a, **kw)
+    path = '/'.join(context.module.scope.path)
+    x = a[0] if feed is None else feed[path]
+    y = next_fun(x, *a[1:], **kw)
+    inputs[path], outputs[path] = x, y
+    return y
+
+  with nn.intercept_methods(hook), layers.packed_mode():  # the first one registered runs first
+    model.apply({'params': params}, *args)
+  return inputs, outputs
+
+
+def layer_diffs(model_a, params_a, model_b, params_b, batch):
+  """Teacher-forced comparison of every QDense layer of two BERTs on one batch.
+
+  Runs model_a and records each QDense's input and output; runs model_b with each QDense fed
+  model_a's input at the same path. Activation quantization is discontinuous, so two models
+  whose weights differ by an ulp drift apart through flipped activation codes; fed the same
+  input, a faithful layer must agree to float rounding.
+
+  Returns {layer path: max |y_b - y_a| / max |y_a|}.
+  """
+  import jax
+  import numpy as np
+  args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+  inputs, out_a = jax.jit(lambda p, a: dense_io(model_a, p, a))(params_a, args)
+  _, out_b = jax.jit(lambda p, a, f: dense_io(model_b, p, a, f))(params_b, args, inputs)
+  diffs = {}
+  for path, ya in out_a.items():
+    ya, yb = np.asarray(ya, np.float32), np.asarray(out_b[path], np.float32)
+    diffs[path] = float(np.abs(yb - ya).max() / max(np.abs(ya).max(), 1e-30))
+  return diffs

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitbert_jax import export
+from bitbert_jax.packed import write
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig, BertModel, init_params
 from bitbert_jax.quant import policy_from_name
@@ -80,7 +80,7 @@ def test_model_uses_centered_weights_and_policy_round_trips():
 def test_export_refuses_centered_naming_the_field(tmp_path):
   policy = policy_from_name('1-1-8', binary_mode='centered')
   with pytest.raises(BitbertError, match="binary_mode='centered'"):
-    export.pack(CFG, init_params(CFG, policy), policy, str(tmp_path / 'packed'))
+    write.pack(CFG, init_params(CFG, policy), policy, str(tmp_path / 'packed'))
 
 
 def test_config_refuses_centered_with_packed_export():

@@ -25,11 +25,17 @@ import onnxruntime as ort
 import pytest
 from onnx import utils as onnx_utils
 
-from bitbert_jax import export, onnx_export, predict
+import bitbert_serve
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig, init_params
+from bitbert_jax.model.shapes import random_params
+from bitbert_jax.packed import onnx_export, write
+from bitbert_jax.packed.format import WEIGHTS, read_manifest
+from bitbert_jax.packed.model import load_packed, predict, predict_logits
+from bitbert_jax.packed.student import save_student
 from bitbert_jax.quant import policy_from_name
 from bitbert_jax.split import split_params
+from bitbert_serve.textio import read_texts
 
 GLUE_DIR = conftest.glue_dir() or ''
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +50,7 @@ def _mrpc_dev_texts():
   path = os.path.join(GLUE_DIR, 'MRPC', 'dev.tsv')
   if not os.path.isfile(path):
     pytest.skip(f'{path} missing (set GLUE_DIR)')
-  return predict.read_texts(path, ['#1 String', '#2 String'])[:N_DEV]
+  return read_texts(path, ['#1 String', '#2 String'])[:N_DEV]
 
 
 def _session(path):
@@ -70,12 +76,12 @@ def exported(request, tmp_path_factory, minilm):
   """(packed dir, onnx dir, PackedModel, encoded MRPC dev batch, predict's logits)."""
   config, params, policy = _student(minilm, request.param)
   root = tmp_path_factory.mktemp(request.param)
-  packed = export.pack(config, params, policy, root / 'packed', tokenizer_dir=minilm)
+  packed = write.pack(config, params, policy, root / 'packed', tokenizer_dir=minilm)
   onnx_dir = onnx_export.export_onnx(packed, root / 'onnx', precision='float64')
-  model = predict.load_packed(packed, precision='float64')
+  model = load_packed(packed, precision='float64')
   texts = _mrpc_dev_texts()
-  logits, labels = predict.predict(model, texts)
-  batch = predict.encode_texts(model.tokenizer, texts, 128)
+  logits, labels = predict(model, texts)
+  batch = model.encode(texts, 128)
   return packed, onnx_dir, model, batch, logits, labels
 
 
@@ -90,9 +96,9 @@ def test_onnx_runtime_reproduces_predict_labels(exported):
 
 def test_default_float32_graph_matches_predict_in_float32(exported, tmp_path):
   packed, _, _, batch, _, _ = exported
-  model = predict.load_packed(packed)  # the defaults: float32 on both sides
+  model = load_packed(packed)  # the defaults: float32 on both sides
   assert model.precision == 'float32'
-  want = predict.predict_logits(model, batch)
+  want = predict_logits(model, batch)
   onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o32')
   assert json.load(open(os.path.join(onnx_dir, 'manifest.json')))['precision'] == 'float32'
   got = _ort_logits(_session(os.path.join(onnx_dir, 'model.onnx')), batch)
@@ -108,7 +114,7 @@ def _layer_io(model, batch):
   from bitbert_jax.model import BertModel  # pylint: disable=g-import-not-at-top
   bert = BertModel(model.config, model.policy)
   args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
-  dense_io = predict._dense_io  # pylint: disable=protected-access
+  dense_io = conftest.dense_io
   inputs, _ = jax.jit(lambda v, a: dense_io(bert, v['params'], a))(model.variables, args)
   _, outputs = jax.jit(lambda v, a, f: dense_io(bert, v['params'], a, f))(model.variables, args,
                                                                            inputs)
@@ -157,7 +163,7 @@ def _constant_sources(graph):
 
 def test_graph_multiplies_integers_and_stores_packed_bits(exported):
   packed, onnx_dir, model, _, _, _ = exported
-  manifest = export.read_manifest(packed)
+  manifest = read_manifest(packed)
   graph = onnx.load(os.path.join(onnx_dir, 'model.onnx')).graph
   inits = {i.name: i for i in graph.initializer}
   codes = {n: r for n, r in manifest['tensors'].items() if r['kind'].endswith('_codes')}
@@ -201,7 +207,7 @@ def test_onnx_runtime_keeps_the_matmuls_integer(exported, tmp_path):
 
 def test_model_file_within_5_percent_of_packed_weights(exported):
   packed, onnx_dir, _, _, _, _ = exported
-  weights = os.path.getsize(os.path.join(packed, export.WEIGHTS))
+  weights = os.path.getsize(os.path.join(packed, WEIGHTS))
   size = os.path.getsize(os.path.join(onnx_dir, 'model.onnx'))
   assert abs(size / weights - 1) <= 0.05, (size, weights)
   manifest = json.load(open(os.path.join(onnx_dir, 'manifest.json')))
@@ -218,10 +224,10 @@ def test_model_file_within_5_percent_of_packed_weights(exported):
 def test_wider_codes_and_row_groups(tmp_path, name, groups):
   """3-8 bit codes (straddling bytes, zero-point uint8, K chunks at 8 bits), per-row scales."""
   policy = policy_from_name(name, weight_groups=groups)
-  params = export.random_params(TINY, policy, seed=3)
-  packed = export.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
+  params = random_params(TINY, policy, seed=3)
+  packed = write.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
   onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o', precision='float64')
-  model = predict.load_packed(packed, tokenizer=False, precision='float64')
+  model = load_packed(packed, tokenizer=False, precision='float64')
   rng = np.random.default_rng(0)
   for b, s in ((1, 7), (3, 40)):  # dynamic batch and sequence axes
     batch = {'input_ids': rng.integers(0, TINY.vocab_size, (b, s)).astype(np.int32),
@@ -234,24 +240,34 @@ def test_wider_codes_and_row_groups(tmp_path, name, groups):
 
 
 def test_cli_exports_a_trained_student(tmp_path, minilm):
-  params = init_params(TINY, policy_from_name('1-1-8'))
+  """The CLI packs a student into model.onnx; ONNX Runtime predicts what JAX predicts from the
+  student's packed directory (float64 float ops on both sides: equal to 1e-4)."""
+  policy = policy_from_name('1-1-8')
+  params = init_params(TINY, policy)
   student = tmp_path / 'student'
-  export.save_student(student, TINY, params, policy_from_name('1-1-8'))
+  save_student(student, TINY, params, policy)
   out = tmp_path / 'onnx'
   env = {**os.environ, 'PYTHONPATH': ROOT, 'HF_HUB_OFFLINE': '1'}
   r = subprocess.run([sys.executable, '-m', 'bitbert_jax.export', '--format=onnx',
-                      f'--checkpoint={student}', f'--out={out}', f'--tokenizer_dir={minilm}'],
+                      '--precision=float64', f'--checkpoint={student}', f'--out={out}',
+                      f'--tokenizer_dir={minilm}'],
                      capture_output=True, text=True, env=env, check=False)
   assert r.returncode == 0, r.stderr
   assert 'model.onnx' in r.stdout
   assert sorted(os.listdir(out)) == ['manifest.json', 'model.onnx', 'special_tokens_map.json',
                                      'tokenizer.json', 'tokenizer_config.json', 'vocab.txt']
   assert [n for n in os.listdir(tmp_path) if n.startswith('.')] == []  # no temp debris
+  texts = _mrpc_dev_texts()[:16] + [('One', 'Two')]
+  got_logits, got_labels = bitbert_serve.predict(bitbert_serve.load(out), texts)
+  packed = write.pack(TINY, params, policy, tmp_path / 'packed', tokenizer_dir=minilm)
+  logits, labels = predict(load_packed(packed, precision='float64'), texts)
+  assert got_labels == labels and set(labels) <= set(MRPC)
+  np.testing.assert_allclose(got_logits, logits, atol=1e-4, rtol=0)
 
 
 def test_unsupported_layers_are_refused_by_name_and_nothing_is_written(tmp_path):
   policy = policy_from_name('1-1-8', act_mode='static')
-  packed = export.pack(TINY, export.random_params(TINY, policy), policy, tmp_path / 'p')
+  packed = write.pack(TINY, random_params(TINY, policy), policy, tmp_path / 'p')
   with pytest.raises(BitbertError, match=r'encoder/layer_0/attention/query/kernel is not on '
                                          r'the integer grid'):
     onnx_export.export_onnx(packed, tmp_path / 'o')

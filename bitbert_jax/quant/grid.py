@@ -9,7 +9,7 @@ are whole output rows (num_groups 1, 'row', or any G dividing the output rows), 
 x_codes [..., K] and s_x [..., 1]: `quantizers.activation_codes`; w_codes[p] the weight codes of
 plane p (P = 2 after weight splitting) and alpha_p [N] its scale per output row. The
 fake-quantized layer (`layers.QDense`) computes acc_p with a float32 matmul of integer-valued
-float32 codes (`dense`), the packed layer (`packed_layers.packed_dense`) with an int8 x int8
+float32 codes (`dense`), the packed layer (`bitbert_jax.packed.layers`) with an int8 x int8
 matmul accumulated in int32; both then finish with `finish`, the same float32 expression. The
 two are therefore equal bit for bit, whereas `dot(x_codes * s_x, w_codes * alpha)` in float32
 rounds differently from the int32 accumulation, and the discontinuous activation quantizer of

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.quant import activations
 from bitbert_jax.quant import grid
-from bitbert_jax.quant import packed_layers
-from bitbert_jax.quant import packing
+from bitbert_jax.quant import groups as groups_lib
 from bitbert_jax.quant.policy import QuantPolicy
 from bitbert_jax.quant.quantizers import activation_codes
 from bitbert_jax.quant.quantizers import centered_binary_codes
@@ -79,7 +78,7 @@ class QuantizedPlanes:
 
   def row_scales(self):
     """float32 [P, rows], one scale per output row, or None when a group splits a row."""
-    return packing.row_scales(self.scales, self.groups, self.rows, self.cols)
+    return groups_lib.row_scales(self.scales, self.groups, self.rows, self.cols)
 
   def element_scales(self):
     """The scales broadcastable to `codes` ([P, 1, 1], a row axis, or one per element)."""
@@ -89,10 +88,10 @@ class QuantizedPlanes:
     """[P, G] per-group values broadcastable to `codes`."""
     if self.groups == 1:
       return per_group[:, :, None]
-    per_row = packing.row_scales(per_group, self.groups, self.rows, self.cols)
+    per_row = groups_lib.row_scales(per_group, self.groups, self.rows, self.cols)
     if per_row is not None:
       return per_row[:, None, :] if self.transposed else per_row[:, :, None]
-    per = packing.element_scales(per_group, self.groups, self.rows, self.cols)
+    per = groups_lib.element_scales(per_group, self.groups, self.rows, self.cols)
     return jnp.swapaxes(per, -1, -2) if self.transposed else per
 
   def plane_values(self):
@@ -155,6 +154,12 @@ def quantized_embedding_planes(policy, path, table):
   return _planes(policy, path, jnp.asarray(table, jnp.float32), table.shape[-2], False)
 
 
+def _unpacked(path):
+  # Packed codes are read by bitbert_jax.packed.layers, which runs these layers' calls itself.
+  return BitbertError(f'{path}: the policy holds packed weights (packed=True); run the model '
+                      'under bitbert_jax.packed.layers.packed_mode()')
+
+
 class QDense(nn.Module):
   """Dense layer y = x W + b with policy-driven weight and input-activation quantization.
 
@@ -182,7 +187,7 @@ class QDense(nn.Module):
     quantization warm-in: weights and inputs lambda * Q(.) + (1 - lambda) * (.)."""
     path = param_path(self, 'kernel')
     if self.policy.packed and self.policy.weight_quant(path) is not None:
-      return packed_layers.packed_dense(self, x)
+      raise _unpacked(path)
     split = self.policy.is_split(path)
     lead, lead_axes = ((2,), (None,)) if split else ((), ())
     kernel_init = nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes)
@@ -239,7 +244,7 @@ class QEmbed(nn.Module):
   def __call__(self, ids, quant_mix=None):
     path = param_path(self, 'embedding')
     if self.policy.packed and self.policy.weight_quant(path) is not None:
-      return packed_layers.packed_embed(self, ids)
+      raise _unpacked(path)
     lead, lead_axes = ((2,), (None,)) if self.policy.is_split(path) else ((), ())
     table_init = nn.with_logical_partitioning(default_init, lead_axes + self.axes)
     table = self.param('embedding', table_init, lead + (self.num_embeddings, self.features),

@@ -91,15 +91,15 @@ class QuantPolicy:
 
   split: the binary model after weight splitting. Each 1-bit quantized kernel (and its bias)
   carries a leading axis of 2; the layer sums the two binarized halves.
-  packed: quantized weights arrive as packed integer codes and scales (a packed export), and the
-  layers compute from them directly.
+  packed: quantized weights arrive as packed integer codes and scales (a packed export); the
+  model then runs under `bitbert_jax.packed.layers.packed_mode()`, which computes from them.
   """
   weight_bits: int = 32
   embed_bits: int = 32
   act: ActQuant = ActQuant()
   rules: tuple[tuple[str, WeightQuant], ...] = ()
   split: bool = False
-  packed: bool = False  # inference from packed codes (bitbert_jax.quant.packed_layers)
+  packed: bool = False  # inference from packed codes (under bitbert_jax.packed.layers)
 
   def __post_init__(self):
     if not isinstance(self.act, ActQuant):

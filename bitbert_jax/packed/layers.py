@@ -1,7 +1,9 @@
-"""Layer bodies for inference from packed weights (the format of `bitbert_jax.export`).
+"""The JAX forward pass on packed weights: `QDense` / `QEmbed` bodies that read codes.
 
-`QDense` / `QEmbed` call these when `policy.packed` is set and their weight is quantized. The
-module scope then holds packed variables instead of a float latent weight:
+A model whose policy has `packed=True` runs under `packed_mode()` (or through `apply`): the
+context swaps the body of every quantized `QDense` / `QEmbed` call for `packed_dense` /
+`packed_embed`, so the model and quant code never import this package. The module scope then
+holds packed variables instead of a float latent weight:
 
   QDense:  kernel_codes  uint8 [rows, row_bytes]     rows = features (output-major, PyTorch)
            kernel_scale  float32 [G]                  G = the rule's groups ('row' -> rows)
@@ -10,7 +12,7 @@ module scope then holds packed variables instead of a float latent weight:
 
 A split (binary after weight splitting) weight carries a leading plane axis of 2 on both codes
 and scales; its bias is stored already summed ([rows]), since the layer only ever uses b0 + b1.
-Codes are unpacked inside the jitted computation (`packing.jnp_unpack_codes`); nothing is
+Codes are unpacked inside the jitted computation (`bits.jnp_unpack_codes`); nothing is
 dequantized to float at load time.
 
 Integer path (`grid`): with dynamic symmetric activation quantization of 2..8 bits and weight
@@ -26,38 +28,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bitbert_jax.packed.format import CODES_SUFFIX, SCALE_SUFFIX
+from bitbert_jax.packed.bits import jnp_unpack_codes
+from bitbert_jax.packed.format import CODES_SUFFIX, SCALE_SUFFIX, row_bytes
 from bitbert_jax.quant import activations
 from bitbert_jax.quant import grid
-from bitbert_jax.quant import packing
+from bitbert_jax.quant import groups as groups_lib
 from bitbert_jax.quant import quantizers
-
-
-
-def _path(module, name):
-  # Same path as layers.param_path (not imported: layers imports this module).
-  return '/'.join(module.scope.path + (name,))
+from bitbert_jax.quant.layers import QDense, QEmbed, param_path
 
 
 def packed_shapes(bits, num_groups, rows, cols, planes):
   """(codes shape, scale shape) of a packed [rows, cols] matrix; planes 2 adds a leading 2."""
   lead = (2,) if planes == 2 else ()
-  return lead + (rows, packing.row_bytes(cols, bits)), lead + (num_groups,)
+  return lead + (rows, row_bytes(cols, bits)), lead + (num_groups,)
 
 
 def _packed_vars(module, name, quant, rows, cols):
   """Declares/reads `{name}_codes` and `{name}_scale`; returns them with a plane axis [P, ...]."""
-  planes = 2 if module.policy.is_split(_path(module, name)) else 1
-  groups = packing.resolve_groups(quant.num_groups, rows)
-  packing.group_size((rows, cols), groups)  # raises a BitbertError when G does not divide
+  planes = 2 if module.policy.is_split(param_path(module, name)) else 1
+  groups = groups_lib.resolve_groups(quant.num_groups, rows)
+  groups_lib.group_size((rows, cols), groups)  # raises a BitbertError when G does not divide
   codes_shape, scale_shape = packed_shapes(quant.bits, groups, rows, cols, planes)
   codes = module.param(name + CODES_SUFFIX, nn.initializers.zeros_init(), codes_shape, jnp.uint8)
   scale = module.param(name + SCALE_SUFFIX, nn.initializers.ones_init(), scale_shape,
                        jnp.float32)
   return codes.reshape((-1,) + codes.shape[-2:]), scale.reshape(-1, groups), groups
-
-
-integer_path = grid.integer_path  # kept here for callers of the old name
 
 
 def token_codes(x, bits):
@@ -91,20 +86,20 @@ def int_matmul(x, w_codes, w_row_scale, act_bits, weight_bits=8):
 
 def dequantized(codes, scale, bits, groups, rows, cols):
   """Float32 [rows, cols] = sum over planes of code * group scale (as the fake quantizer)."""
-  w = packing.jnp_unpack_codes(codes, bits, cols).astype(jnp.float32)  # [P, rows, cols]
-  return (w * packing.element_scales(scale, groups, rows, cols)).sum(0)
+  w = jnp_unpack_codes(codes, bits, cols).astype(jnp.float32)  # [P, rows, cols]
+  return (w * groups_lib.element_scales(scale, groups, rows, cols)).sum(0)
 
 
 def packed_dense(module, x):
   """QDense body from packed codes. x: [..., in] -> [..., features] in module.dtype."""
-  path = _path(module, 'kernel')
+  path = param_path(module, 'kernel')
   quant = module.policy.weight_quant(path)
   act = module.policy.input_quant(path)
   rows, cols = module.features, x.shape[-1]
   codes, scale, groups = _packed_vars(module, 'kernel', quant, rows, cols)
-  row_scale = packing.row_scales(scale, groups, rows, cols)
+  row_scale = groups_lib.row_scales(scale, groups, rows, cols)
   if grid.applies(quant.bits, act, row_scale):
-    w = packing.jnp_unpack_codes(codes, quant.bits, cols)  # int8 [P, rows, cols]
+    w = jnp_unpack_codes(codes, quant.bits, cols)  # int8 [P, rows, cols]
     y = int_matmul(x, w, row_scale, act.bits, quant.bits).astype(module.dtype)
   else:
     kernel = dequantized(codes, scale, quant.bits, groups, rows, cols)
@@ -118,14 +113,38 @@ def packed_dense(module, x):
 
 def packed_embed(module, ids):
   """QEmbed body: gathers packed rows by id, then unpacks only those. ids [...] -> [..., H]."""
-  quant = module.policy.weight_quant(_path(module, 'embedding'))
+  quant = module.policy.weight_quant(param_path(module, 'embedding'))
   rows, cols = module.num_embeddings, module.features
   codes, scale, groups = _packed_vars(module, 'embedding', quant, rows, cols)
   picked = jnp.take(codes, ids, axis=1)  # [P, ..., row_bytes]
-  values = packing.jnp_unpack_codes(picked, quant.bits, cols).astype(jnp.float32)
+  values = jnp_unpack_codes(picked, quant.bits, cols).astype(jnp.float32)
   size = rows * cols // groups
   if size % cols == 0:  # whole rows per group: one scale per gathered row
     s = jnp.take(scale, ids // (size // cols), axis=1)[..., None]
   else:
     s = jnp.take(scale, (ids[..., None] * cols + jnp.arange(cols)) // size, axis=1)
   return (values * s).sum(0).astype(module.dtype)
+
+
+def _packed_body(next_fun, args, kwargs, context):
+  """Interceptor: a quantized QDense / QEmbed of a packed policy runs on its codes."""
+  module = context.module
+  if context.method_name == '__call__' and isinstance(module, (QDense, QEmbed)):
+    name = 'kernel' if isinstance(module, QDense) else 'embedding'
+    if module.policy.packed and module.policy.weight_quant(param_path(module, name)) is not None:
+      body = packed_dense if isinstance(module, QDense) else packed_embed
+      return body(module, args[0])
+  return next_fun(*args, **kwargs)
+
+
+def packed_mode():
+  """Context under which BertModel(config, packed policy) inits and applies on packed weights
+  (trace time: wrap the function that jit traces)."""
+  return nn.intercept_methods(_packed_body)
+
+
+def apply(model, variables, *args, **kwargs):
+  """model.apply under `packed_mode`."""
+  with packed_mode():
+    return model.apply(variables, *args, **kwargs)
+
