@@ -22,17 +22,17 @@ from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
 from bitbert_jax import paths
+from bitbert_jax import preempt
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
-from bitbert_jax import train as train_lib
 from bitbert_jax import validate
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.distill import stages as stages_lib
+from bitbert_jax.distill.objective import Teacher
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig
 from bitbert_jax.packed import format as packed_format
 from bitbert_jax.quant.policy import QuantPolicy
-from bitbert_jax.train import Teacher
 from bitbert_jax.train_state import new_state
 
 log = logging.getLogger('bitbert_jax')
@@ -303,12 +303,12 @@ def save_tokenizer(workdir, tokenizer_dir):
 def execute(config, workdir, inputs):
   """Runs (or resumes) the stages; returns (results, final state, tokenizer dir).
 
-  SIGTERM (see train.preemptible) stops at the next step or between stages, after a
-  checkpoint, with train.Preempted.
+  SIGTERM (see preempt.preemptible) stops at the next step or between stages, after a
+  checkpoint, with preempt.Preempted.
   """
   writer = logs.MetricsWriter(workdir)
   try:
-    with train_lib.preemptible():
+    with preempt.preemptible():
       return _execute(config, workdir, inputs, writer)
   finally:
     writer.close()
@@ -348,10 +348,10 @@ def _execute(config, workdir, inputs, writer):
         state = new_state(pretrained.config, pretrained.params)
       try:
         state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
-      except train_lib.Preempted as e:
+      except preempt.Preempted as e:
         if e.stage is not None:
           raise
-        raise train_lib.Preempted(name, 0, e.during) from None  # before its first step
+        raise preempt.Preempted(name, 0, e.during) from None  # before its first step
       student_layers = ctx.student_layers
       info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
               'student_layers': list(student_layers) if student_layers else None}
@@ -365,8 +365,8 @@ def _execute(config, workdir, inputs, writer):
       _export_hf(os.path.join(stage_dir, 'hf'), teacher, tokenizer_dir)
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}
     results['stages'][name]['policy'] = state.policy.name
-    if i + 1 < len(names) and train_lib.preempt_requested():
-      raise train_lib.Preempted(names[i + 1], 0)
+    if i + 1 < len(names) and preempt.preempt_requested():
+      raise preempt.Preempted(names[i + 1], 0)
   results['final'] = {'policy': state.policy.name, 'dev': _last_dev(results),
                       'model_config': state.model_config.to_dict()}
   if jax.process_index() == 0:
