@@ -69,8 +69,8 @@ def main():
   print(f'| policy | {split} |\n|---|---|')
   for spec in args.policies.split(','):
     s = under(state, spec)
-    r = evaluate_lib.evaluate(BertModel(s.model_config, s.policy), s.params, s.model_state, task, dev,
-                       args.batch, mesh)
+    r = evaluate_lib.evaluate(BertModel(s.model_config, s.policy), s.params, s.model_state, task,
+                              dev, args.batch, mesh)
     print(f'| {spec} | ' + ' / '.join(f'{k} {100 * v:.2f}' for k, v in r[split].items()) + ' |',
           flush=True)
 

@@ -177,7 +177,8 @@ def _student_and_teacher(cfg, kind):
   state = with_policy(new_state(cfg, jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(1)),
                       policy_from_name('1-1-8'))
   n = cfg.num_hidden_layers
-  objective = objective_lib.Objective(('pred', 'attn', 'hidden'), layer_map.from_layers(list(range(n)), n))
+  objective = objective_lib.Objective(('pred', 'attn', 'hidden'),
+                                      layer_map.from_layers(list(range(n)), n))
   return state, objective, BertModel(cfg), params
 
 

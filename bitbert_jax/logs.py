@@ -1,9 +1,8 @@
-"""Metrics to a JSON-lines file, TensorBoard and the console (process 0 only), with rate/ETA;
-the reports of a non-finite step and of the step's memory needs."""
+"""Metrics to a JSON-lines file and TensorBoard (process 0 only); what the console shows of
+them; the reports of a non-finite step and of the step's memory needs."""
 import json
 import logging
 import os
-import time
 
 import jax
 import numpy as np
@@ -76,30 +75,6 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
-
-
-class Progress:
-  """Console progress lines with steps/s, examples/s and ETA."""
-
-  def __init__(self, stage, total_steps, start_step=0, batch_size=1):
-    self.stage, self.total, self.batch_size = stage, total_steps, batch_size
-    self._t0, self._s0 = time.time(), start_step
-
-  def line(self, step, metrics):
-    elapsed = max(time.time() - self._t0, 1e-9)
-    rate = (step - self._s0) / elapsed
-    eta = (self.total - step) / rate if rate > 0 else float('nan')
-    shown = ' '.join(f'{k}={float(v):.4g}' for k, v in sorted(metrics.items()))
-    return (f'[{self.stage}] step {step}/{self.total} {shown} | {rate:.2f} steps/s '
-            f'{rate * self.batch_size:.1f} ex/s | ETA {_duration(eta)}')
-
-
-def _duration(seconds):
-  if seconds != seconds:  # NaN: no rate yet
-    return '?'
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
 def console_metrics(m):

@@ -43,6 +43,7 @@ def run(config, workdir):
   """
   import jax  # pylint: disable=g-import-not-at-top
   from bitbert_jax import paths, pipeline, preempt, validate  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import progress  # pylint: disable=g-import-not-at-top
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
@@ -59,6 +60,7 @@ def run(config, workdir):
     results, state, tokenizer_dir = pipeline.execute(config, workdir, inputs)
     if jax.process_index() == 0:
       _export(config, workdir, state, tokenizer_dir, results)
+      logging.getLogger('bitbert_jax').info('%s', progress.summary(results, workdir))
   return results
 
 

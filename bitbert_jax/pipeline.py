@@ -7,6 +7,7 @@ pipeline loads completed stages and resumes the interrupted one from its newest 
 a killed run re-run with the same command ends bitwise equal to an uninterrupted one.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -23,8 +24,10 @@ from bitbert_jax import hf
 from bitbert_jax import logs
 from bitbert_jax import paths
 from bitbert_jax import preempt
+from bitbert_jax import progress as progress_lib
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
+from bitbert_jax import train as train_lib
 from bitbert_jax import validate
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.distill import stages as stages_lib
@@ -307,8 +310,9 @@ def execute(config, workdir, inputs):
   checkpoint, with preempt.Preempted.
   """
   writer = logs.MetricsWriter(workdir)
+  run = progress_lib.RunProgress(inputs.names, functools.partial(_planned, config, inputs))
   try:
-    with preempt.preemptible():
+    with preempt.preemptible(), progress_lib.running(run):
       return _execute(config, workdir, inputs, writer)
   finally:
     writer.close()
@@ -321,6 +325,7 @@ def _execute(config, workdir, inputs, writer):
   state = new_state(pretrained.config, pretrained.params) if pretrained else None
   results = {'task': task.name, 'data': inputs.source, 'stages': {}}
   student_layers = None
+  run = progress_lib.active()
   for i, name in enumerate(names):
     stage_cfg = config.stages[name]
     stage_dir = os.path.join(workdir, 'stages', f'{i:02d}_{name}')
@@ -328,6 +333,7 @@ def _execute(config, workdir, inputs, writer):
     if done is not None:
       state, info = done
       log.info('[%s] already complete: loaded from %s', name, stage_dir)
+      run.stage_end(i, info.get('seconds'), loaded=True)
       if stage_cfg.kind == 'augment':  # its product is data, not params: reload it (cache hit)
         stages_lib.augment(state, stages_lib.StageContext(
             name=name, stage=stage_cfg, config=config, workdir=stage_dir, mesh=mesh,
@@ -335,6 +341,7 @@ def _execute(config, workdir, inputs, writer):
     else:
       if stage_cfg.kind == 'finetune' and teacher is not None:
         log.info('[%s] skipped: config.teacher is set', name)
+        run.stage_end(i, 0.0, skipped=True)
         continue
       if stage_cfg.kind in ('task_kd', 'reduce_layers') and teacher is None:
         raise BitbertError(f'stage {name!r} needs a fine-tuned teacher: set config.teacher to a '
@@ -343,6 +350,7 @@ def _execute(config, workdir, inputs, writer):
                                     mesh=mesh, writer=writer, task=task, data=data,
                                     teacher=teacher, pretrained=pretrained, corpus=corpus,
                                     student_layers=student_layers)
+      run.stage_start(i)
       t0 = time.time()
       if stage_cfg.kind == 'finetune':
         state = new_state(pretrained.config, pretrained.params)
@@ -359,6 +367,7 @@ def _execute(config, workdir, inputs, writer):
       if jax.process_index() == 0:
         _save_stage(stage_dir, jax.device_get(state), info)
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], ctx.results or '-')
+      run.stage_end(i, info['seconds'])
     student_layers = tuple(info.get('student_layers') or ()) or student_layers
     if stage_cfg.kind == 'finetune':
       teacher = Teacher(state.model_config, jax.device_get(state.params))
@@ -419,3 +428,26 @@ def _corpus_fn(config, tokenizer, workdir):
                 'config.corpus to real text (e.g. Wikipedia) for a useful student')
     sources = [data_lib.write_sample_corpus(os.path.join(workdir, 'sample_corpus', 'corpus.txt'))]
   return Corpus(sources, tokenizer, config.task.max_length, config.seed)
+
+
+def _planned(config, inputs, name):
+  """A stage's kind, training steps and batch size for the run's time estimate."""
+  stage = config.stages[name]
+  if stage.kind not in ('finetune', 'general_kd', 'task_kd') or (
+      stage.kind == 'finetune' and inputs.teacher is not None):
+    return progress_lib.Planned(stage.kind)
+  settings = stages_lib.settings(stages_lib.StageContext(
+      name=name, stage=stage, config=config, workdir='', mesh=None, writer=None,
+      data=inputs.data))
+  if stage.kind == 'general_kd':
+    per_epoch = stage.get('steps_per_epoch') or 1000
+  else:
+    rows = len(inputs.data.train)
+    if stage.get('data', 'task') == 'augmented':  # before the augment stage: its planned size
+      copies = [config.stages[n].get('copies', 0) for n in inputs.names
+                if config.stages[n].kind == 'augment']
+      rows = (len(inputs.data.augmented) if inputs.data.augmented is not None
+              else rows * (1 + sum(copies)))
+    per_epoch = data_lib.num_batches(rows, settings.batch_size, drop_remainder=True)
+  return progress_lib.Planned(stage.kind, train_lib.total_steps(settings, per_epoch),
+                              settings.batch_size)

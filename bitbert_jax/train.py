@@ -20,6 +20,7 @@ from bitbert_jax import evaluate as evaluate_lib
 from bitbert_jax import logs
 from bitbert_jax import optim
 from bitbert_jax import preempt
+from bitbert_jax import progress as progress_lib
 from bitbert_jax import sharding
 from bitbert_jax import signals as signals_lib
 from bitbert_jax.distill.objective import make_loss_fn
@@ -52,6 +53,12 @@ class Settings:
   grad_accum_steps: int = 1  # micro-batches per optimiser update
   report_memory: bool = True  # ahead-of-time compile and log the step's memory before training
   field: str = 'config'
+
+
+def total_steps(settings, steps_per_epoch):
+  """A stage's step count: max_steps when set, else its epochs of steps (at least one)."""
+  return (settings.max_steps if settings.max_steps > 0
+          else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
 
 
 def warmin_lambda(step, warmin_steps):
@@ -130,8 +137,7 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
   if steps_per_epoch < 1:
     raise BitbertError(f'{settings.field}: the training split has fewer examples than one '
                        f'batch ({settings.batch_size}); lower batch_size')
-  total = (settings.max_steps if settings.max_steps > 0
-           else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
+  total = total_steps(settings, steps_per_epoch)
   to_steps = lambda w: w * total if w < 1 else w * steps_per_epoch
   warmup = to_steps(settings.warmup)
   float_warmup = None if settings.float_warmup is None else to_steps(settings.float_warmup)
@@ -232,7 +238,7 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   if signs and restored is None:
     signs.reset(state.params)  # the stage's first step: the reference of signflip_stage
   writer.rewind(name, start)
-  progress = logs.Progress(name, total, start, settings.batch_size)
+  progress = progress_lib.StageProgress(name, total, start, settings.batch_size)
   eval_every = settings.eval_every or steps_per_epoch
   can_eval = task is not None and dev_sets and state.model_config.num_labels > 0
   accum = settings.grad_accum_steps
@@ -248,9 +254,10 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   def dev_eval(step):
     nonlocal best, best_params, last_evals
     evals = evaluate_lib.evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                     settings.batch_size, mesh)
-    writer.write(name, step, {'dev/score': evals['score'], **evaluate_lib.flat_metrics(evals)})
-    log.info('[%s] step %d dev %s', name, step, evaluate_lib.flat_metrics(evals))
+                                  settings.batch_size, mesh)
+    flat = evaluate_lib.flat_metrics(evals)
+    writer.write(name, step, {'dev/score': evals['score'], **flat})
+    log.info('[%s] step %d dev %s', name, step, flat)
     last_evals = evals
     if best['score'] is None or evals['score'] > best['score']:
       best = {'score': float(evals['score']), 'step': step, 'evals': evals}
@@ -308,6 +315,6 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     state = state.replace(params=params, model_state=model_state)
     return state, best['evals']
   if can_eval and last_evals is None:  # a checkpoint from before last_evals was saved
-    last_evals = evaluate_lib.evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                          settings.batch_size, mesh)
+    last_evals = evaluate_lib.evaluate(state.model, state.params, state.model_state, task,
+                                       dev_sets, settings.batch_size, mesh)
   return state, last_evals

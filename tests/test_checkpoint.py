@@ -315,7 +315,8 @@ def test_sigterm_during_an_evaluation_checkpoints_and_redoes_it_on_resume(clean_
     evaluated.append(batches.step)
     return done(*args)
   monkeypatch.setattr(evaluate_lib, 'evaluate', evaluate)
-  with pytest.raises(preempt_lib.Preempted, match=r'^preempted at stage tiny step 4 during evaluation'):
+  with pytest.raises(preempt_lib.Preempted,
+                     match=r'^preempted at stage tiny step 4 during evaluation'):
     tiny_train(workdir, batches, eval_every=2)
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'))
   try:
