@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import ml_collections  # pylint: disable=g-import-not-at-top
 
-from bitbert_jax import hf, pipeline, sharding, train
+from bitbert_jax import evaluate as evaluate_lib
+from bitbert_jax import hf, pipeline, sharding
 from bitbert_jax.data import glue, tokenize, tasks
 from bitbert_jax.model import BertModel
 from bitbert_jax.quant import policy_from_name
@@ -68,8 +69,8 @@ def main():
   print(f'| policy | {split} |\n|---|---|')
   for spec in args.policies.split(','):
     s = under(state, spec)
-    r = train.evaluate(BertModel(s.model_config, s.policy), s.params, s.model_state, task, dev,
-                       args.batch, mesh)
+    r = evaluate_lib.evaluate(BertModel(s.model_config, s.policy), s.params, s.model_state, task,
+                              dev, args.batch, mesh)
     print(f'| {spec} | ' + ' / '.join(f'{k} {100 * v:.2f}' for k, v in r[split].items()) + ' |',
           flush=True)
 

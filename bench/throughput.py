@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 
 from bitbert_jax import sharding, train
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.distill import layer_map
 from bitbert_jax.model import BertConfig, BertModel, init_params
 from bitbert_jax.optim import make_optimizer
@@ -171,12 +172,13 @@ def _student_and_teacher(cfg, kind):
   params = init_params(cfg, rng=jax.random.PRNGKey(0))
   if kind == 'ft':
     state = new_state(cfg, params, rng=jax.random.PRNGKey(1))
-    return state, train.Objective(('label',)), None, None
+    return state, objective_lib.Objective(('label',)), None, None
   # XTC: the student starts as a copy of the teacher (own buffers: the state is donated).
   state = with_policy(new_state(cfg, jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(1)),
                       policy_from_name('1-1-8'))
   n = cfg.num_hidden_layers
-  objective = train.Objective(('pred', 'attn', 'hidden'), layer_map.from_layers(list(range(n)), n))
+  objective = objective_lib.Objective(('pred', 'attn', 'hidden'),
+                                      layer_map.from_layers(list(range(n)), n))
   return state, objective, BertModel(cfg), params
 
 
@@ -186,19 +188,19 @@ def build_jax_step(cfg, kind, batch, lr):
   sharding.check_batch_size(len(batch['input_ids']), mesh, '--batch')
   state, objective, teacher_model, t_params = _student_and_teacher(cfg, kind)
   tx, _ = make_optimizer(lr, 1000, 100)
-  loss_fn = train.make_loss_fn(state.model, teacher_model, objective, False)
+  loss_fn = objective_lib.make_loss_fn(state.model, teacher_model, objective, False)
   state = state.replace(opt_state=jax.eval_shape(tx.init, (state.params, state.aux_params)))
-  shardings = train.state_shardings(mesh, state, tx)
+  shardings = sharding.state_shardings(mesh, state, tx)
   state = state.replace(opt_state=tx.init((state.params, state.aux_params)))
   state = jax.device_put(state, shardings)
   t_sh = None
   if t_params is not None:
-    t_params = jax.device_put(t_params, train.param_shardings(mesh, teacher_model, t_params))
+    t_params = jax.device_put(t_params, sharding.param_shardings(mesh, teacher_model, t_params))
     t_sh = jax.tree.map(lambda x: x.sharding, t_params)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in train.BATCH_KEYS}
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in sharding.BATCH_KEYS}
   step = jax.jit(train.make_train_step(loss_fn, tx), in_shardings=(shardings, batch_sh, t_sh),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  batch = train.device_batch(mesh, batch)
+  batch = sharding.device_batch(mesh, batch)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, t_params).compile()
   compile_s = time.perf_counter() - t0

@@ -184,3 +184,26 @@ class StageCheckpoints:
 def one_line(e):
   text = str(e).strip().splitlines()
   return f'{type(e).__name__}: {text[0][:300] if text else ""}'
+
+
+def fingerprint(settings, total, steps_per_epoch, objective):
+  """Settings that fix the step sequence; a resumed stage should match its checkpoint's."""
+  return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
+              batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
+              float_lr=settings.float_lr, float_warmup=settings.float_warmup,
+              warmin=settings.warmin,
+              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses),
+              loss_weights=[list(w) for w in objective.weights], attn_loss=objective.attn_loss,
+              temperature=objective.temperature)
+
+
+def check_fingerprint(name, field, fingerprint):
+  """The `check(meta, where)` of `StageCheckpoints.restore_latest`: warns on changed settings."""
+  def check(meta, where):
+    old = meta.get('fingerprint') or {}
+    changed = [f'{k}: {old[k]!r} -> {v!r}' for k, v in fingerprint.items()
+               if k in old and old[k] != v]
+    if changed:  # allowed (e.g. a lower lr after a NaN), but no longer an exact resume
+      log.warning('[%s] resuming from %s written with other settings (%s; see %s): the run '
+                  'will differ from an uninterrupted one', name, where, '; '.join(changed), field)
+  return check

@@ -1,12 +1,21 @@
-"""Metrics to a JSON-lines file, TensorBoard and the console (process 0 only), with rate/ETA."""
+"""Metrics to a JSON-lines file and TensorBoard (process 0 only); what the console shows of
+them; the reports of a non-finite step and of the step's memory needs."""
 import json
 import logging
 import os
-import time
 
 import jax
+import numpy as np
+
+from bitbert_jax import sharding
+from bitbert_jax.data import batching
+from bitbert_jax.errors import BitbertError
 
 log = logging.getLogger('bitbert_jax')
+
+
+class NonFiniteError(BitbertError):
+  """A NaN or infinite loss or gradient norm."""
 
 
 def _scalar(v):
@@ -68,25 +77,47 @@ class MetricsWriter:
       self._tb.close()
 
 
-class Progress:
-  """Console progress lines with steps/s, examples/s and ETA."""
-
-  def __init__(self, stage, total_steps, start_step=0, batch_size=1):
-    self.stage, self.total, self.batch_size = stage, total_steps, batch_size
-    self._t0, self._s0 = time.time(), start_step
-
-  def line(self, step, metrics):
-    elapsed = max(time.time() - self._t0, 1e-9)
-    rate = (step - self._s0) / elapsed
-    eta = (self.total - step) / rate if rate > 0 else float('nan')
-    shown = ' '.join(f'{k}={float(v):.4g}' for k, v in sorted(metrics.items()))
-    return (f'[{self.stage}] step {step}/{self.total} {shown} | {rate:.2f} steps/s '
-            f'{rate * self.batch_size:.1f} ex/s | ETA {_duration(eta)}')
+def console_metrics(m):
+  """The progress line's metrics: summed terms (no per-layer ones) and the recent flip rate."""
+  shown = {k: v for k, v in m.items() if '/' not in k and k != 'nonfinite'}
+  if 'signflip_recent/all' in m:
+    shown['flips'] = m['signflip_recent/all']  # near 0: the binary weights have stopped moving
+  return shown
 
 
-def _duration(seconds):
-  if seconds != seconds:  # NaN: no rate yet
-    return '?'
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+def nonfinite_error(name, step, m, ckpts, writer, settings):
+  """Stops the stage: the faulty step is logged; the newest checkpoint predates it."""
+  loss, grad_norm = float(m['loss']), float(m['grad_norm'])
+  writer.write(name, step, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1.0})
+  good = [s for s in ckpts.all_steps() if s < step]
+  kept = (f'the newest checkpoint, step {max(good)}, is kept under {ckpts.directory}' if good
+          else 'no checkpoint was written before it')
+  raise NonFiniteError(
+      f'stage {name!r}: non-finite loss or gradient norm at step {step} (loss={loss}, '
+      f'grad_norm={grad_norm}); {kept}. Lower {settings.field}.lr, or set '
+      f'config.train.skip_nonfinite=True to skip such batches')
+
+
+def report_step_memory(step_fn, state, batches, mesh, teacher_params, name):
+  """Compiles the step ahead of time for the longest bucket and logs its memory needs."""
+  first = next(iter(batches.epoch(0)))
+  s_max = first['input_ids'].shape[1]
+  if hasattr(batches, 'encoded'):
+    s_max = max(batching.default_bucket_lengths(batches.encoded.max_length))
+  pad = lambda a: np.zeros(a.shape[:1] + (s_max,) + a.shape[2:], a.dtype) if a.ndim == 2 else a
+  shapes = sharding.device_batch(mesh, {k: pad(np.asarray(v)) for k, v in first.items()})
+  try:
+    stats = step_fn.lower(state, shapes, teacher_params).compile().memory_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    log.info('[%s] memory analysis unavailable: %s', name, e)
+    return None
+  if stats is None:
+    return None
+  mib = lambda b: b / 2**20
+  report = dict(arguments_mib=mib(stats.argument_size_in_bytes),
+                outputs_mib=mib(stats.output_size_in_bytes),
+                temporaries_mib=mib(stats.temp_size_in_bytes),
+                generated_code_mib=mib(stats.generated_code_size_in_bytes))
+  log.info('[%s] step memory at sequence %d (per device): %s', name, s_max,
+           ', '.join(f'{k} {v:.1f}' for k, v in report.items()))
+  return report

@@ -42,27 +42,29 @@ def run(config, workdir):
 
   The config is validated before anything is written, and data and checkpoints are loaded and
   checked before config.json is: a run that fails there (BitbertError) leaves the workdir as it
-  found it. Re-running on a workdir resumes it; SIGTERM raises train.Preempted after a
+  found it. Re-running on a workdir resumes it; SIGTERM raises preempt.Preempted after a
   checkpoint.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import paths, pipeline, train, validate  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import paths, pipeline, preempt, validate  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import progress  # pylint: disable=g-import-not-at-top
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
   if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('TPU_WORKER_HOSTNAMES'):
     jax.distributed.initialize()  # a pod launch: every host runs this same command
   validate.validate_config(config, jax.device_count())
-  with train.preemptible(), workdir_lib.Claim(workdir, jax.process_index() == 0) as claim:
+  with preempt.preemptible(), workdir_lib.Claim(workdir, jax.process_index() == 0) as claim:
     inputs = pipeline.prepare(config, workdir)
-    if train.preempt_requested():
-      raise train.Preempted(inputs.names[0], 0)
+    if preempt.preempt_requested():
+      raise preempt.Preempted(inputs.names[0], 0)
     claim.commit()
     if jax.process_index() == 0:
       pipeline.write_config(config, workdir)
     results, state, tokenizer_dir = pipeline.execute(config, workdir, inputs)
     if jax.process_index() == 0:
       _export(config, workdir, state, tokenizer_dir, results)
+      logging.getLogger('bitbert_jax').info('%s', progress.summary(results, workdir))
   return results
 
 
@@ -83,16 +85,16 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import preempt  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     config.get('pipeline')  # a config file that failed to load reports it on first use
   except OSError as e:
     _fail(f'--config: {e}')
   try:
-    with train.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
+    with preempt.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
       results = run(config, _WORKDIR.value)
-  except train.Preempted as e:
+  except preempt.Preempted as e:
     print(e, file=sys.stderr)
     sys.exit(EX_TEMPFAIL)
   except BitbertError as e:

@@ -2,7 +2,8 @@
 
 Optionally two parameter groups, each with its own learning rate and warmup: the quantized
 latent weights ('quant') and everything else ('float': LayerNorms, biases, head, float
-embeddings, distillation-only parameters), via `optax.multi_transform`.
+embeddings, distillation-only parameters), via `optax.multi_transform`; `param_labels` tells
+them apart by the quantization policy.
 """
 import jax
 import optax
@@ -63,3 +64,37 @@ def make_optimizer(lr, total_steps, warmup_steps, weight_decay=0.01, clip_norm=1
       {'quant': _adamw(schedule, weight_decay), 'float': _adamw(float_schedule, weight_decay)},
       labels))
   return optax.chain(*parts), {'lr': schedule, 'lr_float': float_schedule}
+
+
+def param_labels(policy):
+  """labels(trainable) for `make_optimizer`: 'quant' where `policy` quantizes the leaf of
+  the student's params (a (params, aux_params) tuple or a params dict), else 'float'."""
+
+  def label(path, _):
+    if isinstance(path[0], jax.tree_util.SequenceKey):
+      if path[0].idx != 0:
+        return 'float'  # aux_params: distillation-only, never quantized
+      path = path[1:]
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    return 'quant' if policy.weight_quant(name) is not None else 'float'
+
+  return lambda tree: jax.tree_util.tree_map_with_path(label, tree)
+
+
+def needs_groups(policy, lr, warmup, float_lr, float_warmup):
+  """Whether the stage needs two optimizer groups: a float setting differs and the policy
+  quantizes something (in an FP32 stage everything trains at lr)."""
+  differs = (float_lr and float_lr != lr) or (float_warmup is not None and float_warmup != warmup)
+  return bool(differs) and any(q.bits < 32 for _, q in policy.rules)
+
+
+def stage_optimizer(policy, lr, steps, warmup_steps, weight_decay, clip_norm, accum, field,
+                    float_lr=None, float_warmup_steps=None, grouped=False):
+  """`make_optimizer` for one stage: two groups by `param_labels(policy)` when `grouped`,
+  updating once every `accum` micro-batches."""
+  tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field,
+                                float_lr=float_lr, float_warmup_steps=float_warmup_steps,
+                                labels=param_labels(policy) if grouped else None)
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  return tx, schedule

@@ -7,6 +7,7 @@ pipeline loads completed stages and resumes the interrupted one from its newest 
 a killed run re-run with the same command ends bitwise equal to an uninterrupted one.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -22,17 +23,19 @@ from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
 from bitbert_jax import paths
+from bitbert_jax import preempt
+from bitbert_jax import progress as progress_lib
 from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax import validate
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.distill import stages as stages_lib
+from bitbert_jax.distill.objective import Teacher
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig
 from bitbert_jax.packed import format as packed_format
 from bitbert_jax.quant.policy import QuantPolicy
-from bitbert_jax.train import Teacher
 from bitbert_jax.train_state import new_state
 
 log = logging.getLogger('bitbert_jax')
@@ -293,12 +296,13 @@ def save_tokenizer(workdir, tokenizer_dir):
 def execute(config, workdir, inputs):
   """Runs (or resumes) the stages; returns (results, final state, tokenizer dir).
 
-  SIGTERM (see train.preemptible) stops at the next step or between stages, after a
-  checkpoint, with train.Preempted.
+  SIGTERM (see preempt.preemptible) stops at the next step or between stages, after a
+  checkpoint, with preempt.Preempted.
   """
   writer = logs.MetricsWriter(workdir)
+  run = progress_lib.RunProgress(inputs.names, functools.partial(_planned, config, inputs))
   try:
-    with train_lib.preemptible():
+    with preempt.preemptible(), progress_lib.running(run):
       return _execute(config, workdir, inputs, writer)
   finally:
     writer.close()
@@ -311,6 +315,7 @@ def _execute(config, workdir, inputs, writer):
   state = new_state(pretrained.config, pretrained.params) if pretrained else None
   results = {'task': task.name, 'data': inputs.source, 'stages': {}}
   student_layers = None
+  run = progress_lib.active()
   for i, name in enumerate(names):
     stage_cfg = config.stages[name]
     stage_dir = os.path.join(workdir, 'stages', f'{i:02d}_{name}')
@@ -318,6 +323,7 @@ def _execute(config, workdir, inputs, writer):
     if done is not None:
       state, info = done
       log.info('[%s] already complete: loaded from %s', name, stage_dir)
+      run.stage_end(i, info.get('seconds'), loaded=True)
       if stage_cfg.kind == 'augment':  # its product is data, not params: reload it (cache hit)
         stages_lib.augment(state, stages_lib.StageContext(
             name=name, stage=stage_cfg, config=config, workdir=stage_dir, mesh=mesh,
@@ -325,6 +331,7 @@ def _execute(config, workdir, inputs, writer):
     else:
       if stage_cfg.kind == 'finetune' and teacher is not None:
         log.info('[%s] skipped: config.teacher is set', name)
+        run.stage_end(i, 0.0, skipped=True)
         continue
       if stage_cfg.kind in ('task_kd', 'reduce_layers') and teacher is None:
         raise BitbertError(f'stage {name!r} needs a fine-tuned teacher: set config.teacher to a '
@@ -333,15 +340,16 @@ def _execute(config, workdir, inputs, writer):
                                     mesh=mesh, writer=writer, task=task, data=data,
                                     teacher=teacher, pretrained=pretrained, corpus=corpus,
                                     student_layers=student_layers)
+      run.stage_start(i)
       t0 = time.time()
       if stage_cfg.kind == 'finetune':
         state = new_state(pretrained.config, pretrained.params)
       try:
         state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
-      except train_lib.Preempted as e:
+      except preempt.Preempted as e:
         if e.stage is not None:
           raise
-        raise train_lib.Preempted(name, 0, e.during) from None  # before its first step
+        raise preempt.Preempted(name, 0, e.during) from None  # before its first step
       student_layers = ctx.student_layers
       info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
               'student_layers': list(student_layers) if student_layers else None}
@@ -349,14 +357,15 @@ def _execute(config, workdir, inputs, writer):
       if jax.process_index() == 0:
         _save_stage(stage_dir, jax.device_get(state), info)
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], ctx.results or '-')
+      run.stage_end(i, info['seconds'])
     student_layers = tuple(info.get('student_layers') or ()) or student_layers
     if stage_cfg.kind == 'finetune':
       teacher = Teacher(state.model_config, jax.device_get(state.params))
       _export_hf(os.path.join(stage_dir, 'hf'), teacher, tokenizer_dir)
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}
     results['stages'][name]['policy'] = state.policy.name
-    if i + 1 < len(names) and train_lib.preempt_requested():
-      raise train_lib.Preempted(names[i + 1], 0)
+    if i + 1 < len(names) and preempt.preempt_requested():
+      raise preempt.Preempted(names[i + 1], 0)
   results['final'] = {'policy': state.policy.name, 'dev': _last_dev(results),
                       'model_config': state.model_config.to_dict()}
   if jax.process_index() == 0:
@@ -408,3 +417,26 @@ def _corpus_fn(config, names, tokenizer):
              os.path.join(data_lib.corpus.SHIPPED_DIR, 'SOURCE.md'))
   return Corpus(data_lib.corpus_sources(config.corpus), tokenizer, config.task.max_length,
                 config.seed)
+
+
+def _planned(config, inputs, name):
+  """A stage's kind, training steps and batch size for the run's time estimate."""
+  stage = config.stages[name]
+  if stage.kind not in ('finetune', 'general_kd', 'task_kd') or (
+      stage.kind == 'finetune' and inputs.teacher is not None):
+    return progress_lib.Planned(stage.kind)
+  settings = stages_lib.settings(stages_lib.StageContext(
+      name=name, stage=stage, config=config, workdir='', mesh=None, writer=None,
+      data=inputs.data))
+  if stage.kind == 'general_kd':
+    per_epoch = stage.get('steps_per_epoch') or 1000
+  else:
+    rows = len(inputs.data.train)
+    if stage.get('data', 'task') == 'augmented':  # before the augment stage: its planned size
+      copies = [config.stages[n].get('copies', 0) for n in inputs.names
+                if config.stages[n].kind == 'augment']
+      rows = (len(inputs.data.augmented) if inputs.data.augmented is not None
+              else rows * (1 + sum(copies)))
+    per_epoch = data_lib.num_batches(rows, settings.batch_size, drop_remainder=True)
+  return progress_lib.Planned(stage.kind, train_lib.total_steps(settings, per_epoch),
+                              settings.batch_size)

@@ -1,4 +1,5 @@
-"""Device mesh, logical-axis rules and the shardings derived from abstract shapes.
+"""Device mesh, logical-axis rules and the shardings derived from abstract shapes: of a
+model's parameters, of a whole train state and of a batch.
 
 Parameters carry logical axis names (set in the model's layers); this one table maps them to
 mesh axes. Changing the parallelism is changing the table or the mesh sizes, not the model.
@@ -7,13 +8,16 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bitbert_jax.errors import BitbertError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the batch is split over both data-parallel axes
+BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels', 'weights')
 
 # Logical name -> mesh axis (or None: replicated). t5x/maxtext style.
 LOGICAL_RULES = (
@@ -90,3 +94,46 @@ def logical_shardings(mesh, abstract_boxed):
     return NamedSharding(mesh, P(*dims))
 
   return jax.tree.map(resolve, specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(mesh, model, params):
+  """Shardings for `params` of `model` from its logical axis names (via jax.eval_shape)."""
+  abstract = jax.eval_shape(lambda r: model.init(r, **_tiny_input())['params'],
+                            jax.random.PRNGKey(0))
+  shardings = logical_shardings(mesh, abstract)
+  return _match(params, shardings, replicated(mesh))
+
+
+def _tiny_input():
+  ids = jnp.zeros((1, 8), jnp.int32)
+  return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids)
+
+
+def _match(tree, shardings, default):
+  """`shardings` laid onto `tree`'s structure; leaves it lacks (e.g. learned scales) replicate."""
+  flat = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  return jax.tree_util.tree_map_with_path(lambda k, _: flat.get(jax.tree_util.keystr(k), default),
+                                          tree)
+
+
+def state_shardings(mesh, state, tx=None):
+  """A TrainState of shardings: params by their logical axes, the rest replicated."""
+  rep = replicated(mesh)
+  p_sh = param_shardings(mesh, state.model, state.params)
+  aux_sh = jax.tree.map(lambda _: rep, state.aux_params)
+  opt_sh = jax.tree.map(lambda _: rep, state.opt_state)
+  if tx is not None and state.opt_state != ():
+    # A multi_transform group's state holds MaskedNode where the other group's params are.
+    masked = lambda v: isinstance(v, optax.MaskedNode)
+    opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, state.opt_state,
+                                   (p_sh, aux_sh), transform_non_params=lambda _: rep,
+                                   is_leaf=masked)
+  return state.replace(step=rep, params=p_sh, aux_params=aux_sh, opt_state=opt_sh,
+                       model_state=jax.tree.map(lambda _: rep, state.model_state), rng=rep)
+
+
+def device_batch(mesh, batch):
+  """A host-local numpy batch -> global arrays sharded over the data-parallel axes."""
+  bs = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(bs, np.asarray(batch[k]))
+          for k in BATCH_KEYS if k in batch}

@@ -1,134 +1,33 @@
 """The loop that runs one stage's steps: one jitted, sharded step per batch, eval, checkpoints.
 
-Everything about *what* is optimised comes in as an `Objective`; this module only knows how to
-step, evaluate, checkpoint, resume and report.
+Everything about *what* is optimised comes in as an `Objective` (`distill/objective.py`) and
+the batches as `TaskBatches` or `StreamBatches` (`data/batching.py`); this module only steps,
+and around the steps evaluates, checkpoints, resumes and reports through their own modules.
 """
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from bitbert_jax import checkpoint as ckpt_lib
+from bitbert_jax import evaluate as evaluate_lib
 from bitbert_jax import logs
+from bitbert_jax import optim
 from bitbert_jax import preempt
+from bitbert_jax import progress as progress_lib
 from bitbert_jax import sharding
 from bitbert_jax import signals as signals_lib
-from bitbert_jax.data import batching
-from bitbert_jax.data import metrics as metrics_lib
-from bitbert_jax.distill import losses
+from bitbert_jax.distill.objective import make_loss_fn
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
-from bitbert_jax.optim import make_optimizer
-from bitbert_jax.preempt import Preempted, preempt_requested, preemptible  # re-exported
 
 log = logging.getLogger('bitbert_jax')
-BATCH_KEYS = ('input_ids', 'attention_mask', 'token_type_ids', 'labels', 'weights')
-
-
-class NonFiniteError(BitbertError):
-  """A NaN or infinite loss or gradient norm."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  config: Any
-  params: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """Which losses a stage sums: 'label' (gold labels, fine-tuning only), 'pred' (teacher
-  logits), 'attn' (attention scores), 'hidden' (hidden states); each times its entry of
-  `weights` ((name, weight) pairs; 1 if absent). attn_loss: 'mse' of the pre-softmax scores or
-  'kl' of the probabilities (`losses.ATTENTION_LOSSES`)."""
-  losses: tuple[str, ...]
-  layer_map: Any = None
-  temperature: float = 1.0
-  weights: tuple[tuple[str, float], ...] = ()
-  attn_loss: str = 'mse'
-
-  def weight(self, term):
-    return dict(self.weights).get(term, 1.0)
-
-  @property
-  def needs_teacher(self):
-    return bool(set(self.losses) & {'pred', 'attn', 'hidden'})
-
-
-@dataclasses.dataclass
-class TaskBatches:
-  """Epochs over a tokenized split, resumable at (epoch, batch)."""
-  encoded: Any
-  batch_size: int
-  seed: int
-
-  def steps_per_epoch(self):
-    return batching.num_batches(self.encoded, self.batch_size, drop_remainder=True)
-
-  def epoch(self, epoch, start=0):
-    return batching.epoch_batches(self.encoded, self.batch_size, seed=self.seed, epoch=epoch,
-                                  drop_remainder=True, start=start,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-
-
-@dataclasses.dataclass
-class StreamBatches:
-  """An unlabelled stream (general-KD corpus) cut into epochs of `batches_per_epoch` batches.
-
-  `make(epoch, repeat)` restarts pass `repeat` of the stream for an epoch deterministically
-  (its StopIteration value, if any, counts the stream's sequences). A stream shorter than an
-  epoch starts its next pass when `wrap`, else stops with an error naming `name`; so an epoch
-  is a pure function of its number and resumes at any batch.
-  """
-  make: Callable[[int, int], Iterator[dict]]
-  batches_per_epoch: int
-  batch_size: int = 0
-  name: str = 'corpus'
-  field: str = 'config'
-  wrap: bool = True
-
-  def steps_per_epoch(self):
-    return self.batches_per_epoch
-
-  def epoch(self, epoch, start=0):
-    # resume: skipping `start` batches replays the same pure function of (seed, epoch, pass)
-    return itertools.islice(self._passes(epoch), start, self.batches_per_epoch)
-
-  def _passes(self, epoch):
-    for repeat in itertools.count():
-      it, yielded = self.make(epoch, repeat), 0
-      while True:
-        try:
-          batch = next(it)
-        except StopIteration as stop:
-          sequences = stop.value
-          break
-        yielded += 1
-        yield batch
-      if not yielded or not self.wrap:
-        raise BitbertError(self._short(sequences, yielded))
-
-  def _short(self, sequences, yielded):
-    held = f'{sequences} sequences' if isinstance(sequences, int) else f'{yielded} batches'
-    wanted = f'{self.batches_per_epoch} batches of {self.batch_size}'
-    if not yielded:
-      return (f'{self.field}: corpus {self.name} holds {held}, fewer than one batch of '
-              f'{self.batch_size}; give more text or lower {self.field}.batch_size')
-    return (f'{self.field}: corpus {self.name} holds {held}; the stage asks for {wanted} '
-            f'(= {self.batches_per_epoch * self.batch_size} sequences) per epoch; set '
-            f'{self.field}.wrap_corpus=True to start its next pass, or lower '
-            f'{self.field}.steps_per_epoch')
 
 
 @dataclasses.dataclass
@@ -156,47 +55,10 @@ class Settings:
   field: str = 'config'
 
 
-def make_loss_fn(student, teacher_model, objective, is_regression):
-  """loss_fn(params, aux, model_state, batch, teacher_params, rng, quant_mix=None) ->
-  (loss, (terms, state)); quant_mix: the student's warm-in lambda (None: fully quantized)."""
-
-  def loss_fn(params, aux_params, model_state, batch, teacher_params, rng, quant_mix=None):
-    mutable = list(model_state) if model_state else False
-    out = student.apply({'params': params, **model_state}, batch['input_ids'],
-                        batch['attention_mask'], batch['token_type_ids'], deterministic=False,
-                        rngs={'dropout': rng}, mutable=mutable, quant_mix=quant_mix)
-    out, new_model_state = out if mutable else (out, model_state)
-    w, mask = batch['weights'], batch['attention_mask']
-    terms = {}
-    if 'label' in objective.losses:
-      terms['label'] = losses.label_loss(out.logits, batch['labels'], w, is_regression)
-    if objective.needs_teacher:
-      t = teacher_model.apply({'params': teacher_params}, batch['input_ids'], mask,
-                              batch['token_type_ids'], deterministic=True)
-      t = jax.lax.stop_gradient(t)
-      lmap = objective.layer_map
-      if 'pred' in objective.losses:
-        terms['pred'] = losses.prediction_loss(out.logits, t.logits, w, is_regression,
-                                               objective.temperature)
-      if 'attn' in objective.losses:
-        attention_loss = losses.ATTENTION_LOSSES[objective.attn_loss]
-        terms.update(_per_layer('attn', [
-            attention_loss(s, t.attention_scores[j], mask, w)
-            for s, j in zip(out.attention_scores, lmap.attention)]))
-      if 'hidden' in objective.losses:
-        proj = aux_params.get('hidden_proj') if aux_params else None
-        terms.update(_per_layer('hidden', [losses.hidden_mse(s, t.hidden_states[j], w, proj)
-                                           for s, j in zip(out.hidden_states, lmap.hidden)]))
-    # Terms are logged unweighted; the loss weighs them (per-layer parts are not summed twice).
-    loss = sum(objective.weight(k) * v for k, v in terms.items() if '/' not in k)
-    return loss, (terms, new_model_state)
-
-  return loss_fn
-
-
-def _per_layer(name, values):
-  """{name: sum, name/i: values[i]}: the summed term and each student layer's part."""
-  return {name: sum(values), **{f'{name}/{i}': v for i, v in enumerate(values)}}
+def total_steps(settings, steps_per_epoch):
+  """A stage's step count: max_steps when set, else its epochs of steps (at least one)."""
+  return (settings.max_steps if settings.max_steps > 0
+          else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
 
 
 def warmin_lambda(step, warmin_steps):
@@ -237,163 +99,19 @@ def make_train_step(loss_fn, tx, warmin_steps=0):
   return step
 
 
-def param_shardings(mesh, model, params):
-  """Shardings for `params` of `model` from its logical axis names (via jax.eval_shape)."""
-  abstract = jax.eval_shape(lambda r: model.init(r, **_tiny_input())['params'],
-                            jax.random.PRNGKey(0))
-  shardings = sharding.logical_shardings(mesh, abstract)
-  return _match(params, shardings, sharding.replicated(mesh))
-
-
-def _tiny_input():
-  ids = jnp.zeros((1, 8), jnp.int32)
-  return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids)
-
-
-def _match(tree, shardings, default):
-  """`shardings` laid onto `tree`'s structure; leaves it lacks (e.g. learned scales) replicate."""
-  flat = {jax.tree_util.keystr(k): s for k, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-  return jax.tree_util.tree_map_with_path(lambda k, _: flat.get(jax.tree_util.keystr(k), default),
-                                          tree)
-
-
-def state_shardings(mesh, state, tx=None):
-  rep = sharding.replicated(mesh)
-  p_sh = param_shardings(mesh, state.model, state.params)
-  aux_sh = jax.tree.map(lambda _: rep, state.aux_params)
-  opt_sh = jax.tree.map(lambda _: rep, state.opt_state)
-  if tx is not None and state.opt_state != ():
-    # A multi_transform group's state holds MaskedNode where the other group's params are.
-    masked = lambda v: isinstance(v, optax.MaskedNode)
-    opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, state.opt_state,
-                                   (p_sh, aux_sh), transform_non_params=lambda _: rep,
-                                   is_leaf=masked)
-  return state.replace(step=rep, params=p_sh, aux_params=aux_sh, opt_state=opt_sh,
-                       model_state=jax.tree.map(lambda _: rep, state.model_state), rng=rep)
-
-
-def device_batch(mesh, batch):
-  """A host-local numpy batch -> global arrays sharded over the data-parallel axes."""
-  bs = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(bs, np.asarray(batch[k]))
-          for k in BATCH_KEYS if k in batch}
-
-
-@functools.lru_cache(maxsize=16)
-def _eval_step(config, policy, mesh, param_sh, state_sh):
-  """The jitted eval step for one model and mesh, compiled once per batch shape, not per call."""
-  model = BertModel(config, policy)
-
-  def logits_fn(params, model_state, batch):
-    return model.apply({'params': params, **model_state}, batch['input_ids'],
-                       batch['attention_mask'], batch['token_type_ids']).logits
-
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
-  unflatten = lambda sh: jax.tree_util.tree_unflatten(sh[0], sh[1])
-  return jax.jit(logits_fn, in_shardings=(unflatten(param_sh), unflatten(state_sh), batch_sh),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def _hashable(tree):
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  return treedef, tuple(leaves)
-
-
-def predict(model, params, model_state, encoded, batch_size, mesh):
-  """Logits (or regression scores) [N, C] for every example of a split, in split order."""
-  p_sh = param_shardings(mesh, model, params)
-  ms_sh = jax.tree.map(lambda _: sharding.replicated(mesh), model_state)
-  params, model_state = jax.device_put((params, model_state), (p_sh, ms_sh))
-  step = _eval_step(model.config, model.policy, mesh, _hashable(p_sh), _hashable(ms_sh))
-  out = np.zeros((len(encoded), model.config.num_labels), np.float32)
-  for batch in batching.eval_batches(encoded, batch_size, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    preempt.check('evaluation')
-    batch_in = device_batch(mesh, batch)
-    batch_in.setdefault('labels', batch_in['weights'])  # eval batches need no labels
-    logits = np.asarray(step(params, model_state, batch_in))  # replicated: every host has all
-    index = multihost_utils.process_allgather(batch['index'], tiled=True) \
-        if jax.process_count() > 1 else batch['index']
-    real = index >= 0
-    out[index[real]] = logits[real]
-  return out
-
-
-def evaluate(model, params, model_state, task, dev_sets, batch_size, mesh):
-  """{split: metrics} plus 'score' = the task's main score on the first dev split."""
-  results = {}
-  for split, encoded in dev_sets.items():
-    logits = predict(model, params, model_state, encoded, batch_size, mesh)
-    results[split] = metrics_lib.compute_metrics(task, logits, encoded.labels)
-  first = next(iter(results.values()))
-  results['score'] = task.score(first)
-  return results
-
-
-def _flat_metrics(evals):
-  return {f'{split}/{k}': v for split, m in evals.items() if isinstance(m, dict)
-          for k, v in m.items()}
-
-
-def param_labels(policy):
-  """labels(trainable) for `optim.make_optimizer`: 'quant' where `policy` quantizes the leaf of
-  the student's params (a (params, aux_params) tuple or a params dict), else 'float'."""
-
-  def label(path, _):
-    if isinstance(path[0], jax.tree_util.SequenceKey):
-      if path[0].idx != 0:
-        return 'float'  # aux_params: distillation-only, never quantized
-      path = path[1:]
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    return 'quant' if policy.weight_quant(name) is not None else 'float'
-
-  return lambda tree: jax.tree_util.tree_map_with_path(label, tree)
-
-
-def _grouped(policy, lr, warmup, float_lr, float_warmup):
-  """Whether the stage needs two optimizer groups: a float setting differs and the policy
-  quantizes something (in an FP32 stage everything trains at lr)."""
-  differs = (float_lr and float_lr != lr) or (float_warmup is not None and float_warmup != warmup)
-  return bool(differs) and any(q.bits < 32 for _, q in policy.rules)
-
-
 @functools.lru_cache(maxsize=4)
 def _optimizer_and_step(model_config, policy, teacher_config, objective, lr, steps, warmup_steps,
                         weight_decay, clip_norm, accum, field, float_lr=None,
                         float_warmup_steps=None, grouped=False, warmin_steps=0):
   """(tx, schedules, step function); equal arguments give the same objects, so a stage run
   again in this process (a retry, a notebook re-run, tests) reuses the compiled step."""
-  tx, schedule = make_optimizer(lr, steps, warmup_steps, weight_decay, clip_norm, field=field,
-                                float_lr=float_lr, float_warmup_steps=float_warmup_steps,
-                                labels=param_labels(policy) if grouped else None)
-  if accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  tx, schedule = optim.stage_optimizer(policy, lr, steps, warmup_steps, weight_decay, clip_norm,
+                                       accum, field, float_lr=float_lr,
+                                       float_warmup_steps=float_warmup_steps, grouped=grouped)
   teacher_model = BertModel(teacher_config) if teacher_config is not None else None
   loss_fn = make_loss_fn(BertModel(model_config, policy), teacher_model, objective,
                          model_config.is_regression)
   return tx, schedule, make_train_step(loss_fn, tx, warmin_steps)
-
-
-def _fingerprint(settings, total, steps_per_epoch, objective):
-  """Settings that fix the step sequence; a resumed stage should match its checkpoint's."""
-  return dict(total_steps=total, steps_per_epoch=steps_per_epoch,
-              batch_size=settings.batch_size, lr=settings.lr, warmup=settings.warmup,
-              float_lr=settings.float_lr, float_warmup=settings.float_warmup,
-              warmin=settings.warmin,
-              grad_accum_steps=settings.grad_accum_steps, losses=list(objective.losses),
-              loss_weights=[list(w) for w in objective.weights], attn_loss=objective.attn_loss,
-              temperature=objective.temperature)
-
-
-def _check_fingerprint(name, field, fingerprint):
-  def check(meta, where):
-    old = meta.get('fingerprint') or {}
-    changed = [f'{k}: {old[k]!r} -> {v!r}' for k, v in fingerprint.items()
-               if k in old and old[k] != v]
-    if changed:  # allowed (e.g. a lower lr after a NaN), but no longer an exact resume
-      log.warning('[%s] resuming from %s written with other settings (%s; see %s): the run '
-                  'will differ from an uninterrupted one', name, where, '; '.join(changed), field)
-  return check
 
 
 def train(state, *, name, objective, settings, batches, mesh, workdir, writer, task=None,
@@ -406,7 +124,7 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
   checkpoint and raises Preempted; a non-finite loss or gradient norm raises NonFiniteError
   (the newest checkpoint predates it) unless `settings.skip_nonfinite`.
   """
-  with preemptible():
+  with preempt.preemptible():
     return _train(state, name=name, objective=objective, settings=settings, batches=batches,
                   mesh=mesh, workdir=workdir, writer=writer, task=task, dev_sets=dev_sets,
                   teacher=teacher)
@@ -419,15 +137,14 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
   if steps_per_epoch < 1:
     raise BitbertError(f'{settings.field}: the training split has fewer examples than one '
                        f'batch ({settings.batch_size}); lower batch_size')
-  total = (settings.max_steps if settings.max_steps > 0
-           else max(1, int(math.ceil(settings.epochs * steps_per_epoch))))
+  total = total_steps(settings, steps_per_epoch)
   to_steps = lambda w: w * total if w < 1 else w * steps_per_epoch
   warmup = to_steps(settings.warmup)
   float_warmup = None if settings.float_warmup is None else to_steps(settings.float_warmup)
   accum = settings.grad_accum_steps
   if accum < 1:
     raise BitbertError(f'{settings.field}.grad_accum_steps={accum}: must be >= 1')
-  grouped = _grouped(state.policy, settings.lr, settings.warmup, settings.float_lr,
+  grouped = optim.needs_groups(state.policy, settings.lr, settings.warmup, settings.float_lr,
                      settings.float_warmup)
   tx, schedule, train_step = _optimizer_and_step(
       state.model_config, state.policy, teacher.config if teacher is not None else None,
@@ -443,28 +160,28 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
     raise BitbertError(f'{settings.field}: losses {objective.losses} need a teacher')
 
   # Optimizer state created already sharded, never whole on one device first.
-  shardings = state_shardings(mesh, state)
+  shardings = sharding.state_shardings(mesh, state)
   # Own buffers: the state is donated to the step, and a student built from the teacher's
   # layers must not alias the teacher's arrays.
   state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)
   opt_shapes = jax.eval_shape(tx.init, (state.params, state.aux_params))
   state = state.replace(opt_state=opt_shapes)
-  shardings = state_shardings(mesh, state, tx)
+  shardings = sharding.state_shardings(mesh, state, tx)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)((state.params,
                                                                    state.aux_params))
   state = state.replace(opt_state=opt_state)
   teacher_params = None
   if teacher is not None:
     teacher_params = jax.device_put(teacher.params,
-                                    param_shardings(mesh, teacher_model, teacher.params))
+                                    sharding.param_shardings(mesh, teacher_model, teacher.params))
 
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in sharding.BATCH_KEYS}
   t_sh = jax.tree.map(lambda x: x.sharding, teacher_params) if teacher_params else None
   step_fn = jax.jit(train_step, in_shardings=(shardings, batch_sh, t_sh),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   if settings.report_memory:
-    report_step_memory(step_fn, state, batches, mesh, teacher_params, name)
+    logs.report_step_memory(step_fn, state, batches, mesh, teacher_params, name)
 
   rep = sharding.replicated(mesh)
   signs = signals_lib.SignTracker(state.policy, state.params, rep)
@@ -472,7 +189,7 @@ def _train(state, *, name, objective, settings, batches, mesh, workdir, writer, 
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'),
                                     settings.keep_checkpoints, settings.checkpoint_every_steps,
                                     settings.checkpoint_every_secs)
-  fingerprint = _fingerprint(settings, total, steps_per_epoch, objective)
+  fingerprint = ckpt_lib.fingerprint(settings, total, steps_per_epoch, objective)
   with contextlib.closing(ckpts):
     return _loop(state, name=name, settings=settings, batches=batches, mesh=mesh,
                  writer=writer, task=task, dev_sets=dev_sets, teacher_params=teacher_params,
@@ -498,8 +215,8 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   """Restores the newest checkpoint, then steps, logs, evaluates and checkpoints to `total`."""
   best = {'score': None, 'step': 0, 'evals': None}
   best_params, last_evals, nonfinite_skipped, start = None, None, 0, 0
-  restored = ckpts.restore_latest(abstract, _check_fingerprint(name, settings.field,
-                                                               fingerprint))
+  restored = ckpts.restore_latest(abstract, ckpt_lib.check_fingerprint(name, settings.field,
+                                                                       fingerprint))
   if restored is not None:
     tree, meta = restored
     state, best_params = tree['state'], tree['best_params']
@@ -521,7 +238,7 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
   if signs and restored is None:
     signs.reset(state.params)  # the stage's first step: the reference of signflip_stage
   writer.rewind(name, start)
-  progress = logs.Progress(name, total, start, settings.batch_size)
+  progress = progress_lib.StageProgress(name, total, start, settings.batch_size)
   eval_every = settings.eval_every or steps_per_epoch
   can_eval = task is not None and dev_sets and state.model_config.num_labels > 0
   accum = settings.grad_accum_steps
@@ -536,10 +253,11 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
 
   def dev_eval(step):
     nonlocal best, best_params, last_evals
-    evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                     settings.batch_size, mesh)
-    writer.write(name, step, {'dev/score': evals['score'], **_flat_metrics(evals)})
-    log.info('[%s] step %d dev %s', name, step, _flat_metrics(evals))
+    evals = evaluate_lib.evaluate(state.model, state.params, state.model_state, task, dev_sets,
+                                  settings.batch_size, mesh)
+    flat = evaluate_lib.flat_metrics(evals)
+    writer.write(name, step, {'dev/score': evals['score'], **flat})
+    log.info('[%s] step %d dev %s', name, step, flat)
     last_evals = evals
     if best['score'] is None or evals['score'] > best['score']:
       best = {'score': float(evals['score']), 'step': step, 'evals': evals}
@@ -556,11 +274,11 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
       taken = 0
       for batch in batches.epoch(epoch, index):
         taken += 1
-        state, m = step_fn(state, device_batch(mesh, batch), teacher_params)
+        state, m = step_fn(state, sharding.device_batch(mesh, batch), teacher_params)
         step += 1
         if float(m['nonfinite']):
           if not settings.skip_nonfinite:
-            _nonfinite_error(name, step, m, ckpts, writer, settings)
+            logs.nonfinite_error(name, step, m, ckpts, writer, settings)
           nonfinite_skipped += 1
         if step % settings.log_every == 0 or step == total:
           m = {k: float(v) for k, v in m.items()}
@@ -569,27 +287,27 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
           if signs:
             m.update(signs.log(state.params))
           writer.write(name, step, m)
-          log.info(progress.line(step, _console(m)))
+          log.info(progress.line(step, logs.console_metrics(m)))
         if can_eval and (step % eval_every == 0 or step == total):
           evaluating = True
           dev_eval(step)
           evaluating = False
-        preempted = preempt_requested()
+        preempted = preempt.preempt_requested()
         if ckpts.due(step) or preempted:
           save(step)
         if preempted:
-          raise Preempted(name, step)
+          raise preempt.Preempted(name, step)
         if step >= total:
           break
       if not taken:  # a data source that runs dry would otherwise loop here for ever
         raise BitbertError(f'stage {name!r}: epoch {epoch} gave no batch at step {step} (from '
                            f'batch {index} of {steps_per_epoch} per epoch): its data ran out; '
                            f'lower {settings.field}.steps_per_epoch or give more data')
-  except Preempted as e:
+  except preempt.Preempted as e:
     if e.stage is not None:  # raised above, after its checkpoint
       raise
     save(step, pending_eval=evaluating)  # SIGTERM in a data phase or an evaluation
-    raise Preempted(name, step, e.during) from None
+    raise preempt.Preempted(name, step, e.during) from None
   save(step)
 
   if settings.keep_best and best_params is not None:
@@ -597,53 +315,6 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     state = state.replace(params=params, model_state=model_state)
     return state, best['evals']
   if can_eval and last_evals is None:  # a checkpoint from before last_evals was saved
-    last_evals = evaluate(state.model, state.params, state.model_state, task, dev_sets,
-                          settings.batch_size, mesh)
+    last_evals = evaluate_lib.evaluate(state.model, state.params, state.model_state, task,
+                                       dev_sets, settings.batch_size, mesh)
   return state, last_evals
-
-
-def _console(m):
-  """The progress line's metrics: summed terms (no per-layer ones) and the recent flip rate."""
-  shown = {k: v for k, v in m.items() if '/' not in k and k != 'nonfinite'}
-  if 'signflip_recent/all' in m:
-    shown['flips'] = m['signflip_recent/all']  # near 0: the binary weights have stopped moving
-  return shown
-
-
-def _nonfinite_error(name, step, m, ckpts, writer, settings):
-  """Stops the stage: the faulty step is logged; the newest checkpoint predates it."""
-  loss, grad_norm = float(m['loss']), float(m['grad_norm'])
-  writer.write(name, step, {'loss': loss, 'grad_norm': grad_norm, 'nonfinite': 1.0})
-  good = [s for s in ckpts.all_steps() if s < step]
-  kept = (f'the newest checkpoint, step {max(good)}, is kept under {ckpts.directory}' if good
-          else 'no checkpoint was written before it')
-  raise NonFiniteError(
-      f'stage {name!r}: non-finite loss or gradient norm at step {step} (loss={loss}, '
-      f'grad_norm={grad_norm}); {kept}. Lower {settings.field}.lr, or set '
-      f'config.train.skip_nonfinite=True to skip such batches')
-
-
-def report_step_memory(step_fn, state, batches, mesh, teacher_params, name):
-  """Compiles the step ahead of time for the longest bucket and logs its memory needs."""
-  first = next(iter(batches.epoch(0)))
-  s_max = first['input_ids'].shape[1]
-  if hasattr(batches, 'encoded'):
-    s_max = max(batching.default_bucket_lengths(batches.encoded.max_length))
-  pad = lambda a: np.zeros(a.shape[:1] + (s_max,) + a.shape[2:], a.dtype) if a.ndim == 2 else a
-  shapes = device_batch(mesh, {k: pad(np.asarray(v)) for k, v in first.items()})
-  try:
-    stats = step_fn.lower(state, shapes, teacher_params).compile().memory_analysis()
-  except Exception as e:  # pylint: disable=broad-except
-    log.info('[%s] memory analysis unavailable: %s', name, e)
-    return None
-  if stats is None:
-    return None
-  mib = lambda b: b / 2**20
-  report = dict(arguments_mib=mib(stats.argument_size_in_bytes),
-                outputs_mib=mib(stats.output_size_in_bytes),
-                temporaries_mib=mib(stats.temp_size_in_bytes),
-                generated_code_mib=mib(stats.generated_code_size_in_bytes))
-  log.info('[%s] step memory at sequence %d (per device): %s', name, s_max,
-           ', '.join(f'{k} {v:.1f}' for k, v in report.items()))
-  return report
-

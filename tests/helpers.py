@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from bitbert_jax import evaluate as evaluate_lib
 from bitbert_jax import sharding, train
+from bitbert_jax.data import batching
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.data import get_task
 from bitbert_jax.data.tokenize import EncodedSplit, ragged
 from bitbert_jax.logs import MetricsWriter
@@ -57,7 +60,7 @@ def tiny_split(n=48, seed=0):
                       rng.integers(0, 2, n).astype(np.int32), lengths, 16)
 
 
-class Batches(train.TaskBatches):
+class Batches(batching.TaskBatches):
   """TaskBatches that can crash before global step `crash_at` or poison given steps."""
 
   def __init__(self, crash_at=None, poison=None, poison_value=np.nan):
@@ -86,7 +89,7 @@ def tiny_train(workdir, batches, **settings):
                     rng=jax.random.PRNGKey(1))
   writer = MetricsWriter(workdir, enabled=True)
   try:
-    return train.train(state, name='tiny', objective=train.Objective(('label',)),
+    return train.train(state, name='tiny', objective=objective_lib.Objective(('label',)),
                        settings=train.Settings(**kw), batches=batches, mesh=mesh,
                        workdir=workdir, writer=writer, task=get_task('mrpc'),
                        dev_sets={'validation': tiny_split(16, seed=1)})
@@ -146,7 +149,7 @@ def assert_dev_metrics_are_the_packed_models(workdir, results, task, dev_file, t
   encoded = data_lib.encode(rows, data_lib.load_tokenizer(os.path.join(workdir, 'packed')), task,
                             max_length)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  ours = train.predict(state.model, state.params, state.model_state, encoded, 8, mesh)
+  ours = evaluate_lib.predict(state.model, state.params, state.model_state, encoded, 8, mesh)
   reported = results['final']['dev']['validation']
   computed = data_lib.compute_metrics(task, ours, gold)
   assert set(computed) == set(reported)

@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from bitbert_jax import sharding, train
+from bitbert_jax import optim, sharding, train
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.distill import layer_map
 from bitbert_jax.model import BertConfig, BertModel, init_params
 from bitbert_jax.optim import make_optimizer
@@ -48,16 +49,16 @@ def run(mesh_sizes):
   s_params['encoder'] = {f'layer_{i}': s_params['encoder'][f'layer_{l}'] for i, l in enumerate(layers)}
   s_cfg = t_cfg.replace(num_hidden_layers=2)
   state = with_policy(new_state(s_cfg, s_params, rng=jax.random.PRNGKey(1)), policy_from_name('1-1-8'))
-  teacher = train.Teacher(t_cfg, t_params)
+  teacher = objective_lib.Teacher(t_cfg, t_params)
   tx, _ = make_optimizer(1e-3, 10, 2)
-  objective = train.Objective(('pred', 'attn', 'hidden'), layer_map.from_layers(layers, 4))
-  loss_fn = train.make_loss_fn(state.model, BertModel(t_cfg), objective, False)
+  objective = objective_lib.Objective(('pred', 'attn', 'hidden'), layer_map.from_layers(layers, 4))
+  loss_fn = objective_lib.make_loss_fn(state.model, BertModel(t_cfg), objective, False)
   state = state.replace(opt_state=jax.eval_shape(tx.init, (state.params, state.aux_params)))
-  shardings = train.state_shardings(mesh, state, tx)
+  shardings = sharding.state_shardings(mesh, state, tx)
   state = state.replace(opt_state=tx.init((state.params, state.aux_params)))
   state = jax.device_put(state, shardings)
-  t_params = jax.device_put(t_params, train.param_shardings(mesh, BertModel(t_cfg), t_params))
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in train.BATCH_KEYS}
+  t_params = jax.device_put(t_params, sharding.param_shardings(mesh, BertModel(t_cfg), t_params))
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in sharding.BATCH_KEYS}
   step = jax.jit(train.make_train_step(loss_fn, tx),
                  in_shardings=(shardings, batch_sh, jax.tree.map(lambda x: x.sharding, t_params)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -69,7 +70,7 @@ def run(mesh_sizes):
     mask[::2, 12:] = 0
     batch = dict(input_ids=ids, attention_mask=mask, token_type_ids=np.zeros_like(ids),
                  labels=np.zeros(8, np.int32), weights=np.ones(8, np.float32))
-    state, m = step(state, train.device_batch(mesh, batch), t_params)
+    state, m = step(state, sharding.device_batch(mesh, batch), t_params)
     losses.append(float(m['loss']))
   kernel = state.params['encoder']['layer_0']['attention']['query']['kernel']
   leaves = jax.tree.leaves(jax.device_get(state.params))
@@ -92,16 +93,16 @@ def grouped_accumulation(mesh_sizes):
                    intermediate_size=32, max_position_embeddings=32, num_labels=2,
                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   policy = policy_from_name('1-1-8')
-  tx, _ = make_optimizer(1e-2, 10, 0, float_lr=1e-3, labels=train.param_labels(policy))
+  tx, _ = make_optimizer(1e-2, 10, 0, float_lr=1e-3, labels=optim.param_labels(policy))
   tx = optax.MultiSteps(tx, every_k_schedule=2)
   state = new_state(cfg, init_params(cfg, policy, rng=jax.random.PRNGKey(0)), policy,
                     rng=jax.random.PRNGKey(1))
   state = state.replace(opt_state=jax.eval_shape(tx.init, (state.params, state.aux_params)))
-  shardings = train.state_shardings(mesh, state, tx)
+  shardings = sharding.state_shardings(mesh, state, tx)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)((state.params, state.aux_params))
   state = jax.device_put(state.replace(opt_state=opt_state), shardings)
-  loss_fn = train.make_loss_fn(state.model, None, train.Objective(('label',)), False)
-  batch_sh = {k: sharding.batch_sharding(mesh) for k in train.BATCH_KEYS}
+  loss_fn = objective_lib.make_loss_fn(state.model, None, objective_lib.Objective(('label',)), False)
+  batch_sh = {k: sharding.batch_sharding(mesh) for k in sharding.BATCH_KEYS}
   step = jax.jit(train.make_train_step(loss_fn, tx), in_shardings=(shardings, batch_sh, None),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   rng = np.random.default_rng(0)
@@ -111,7 +112,7 @@ def grouped_accumulation(mesh_sizes):
     ids = rng.integers(1, 64, size=(8, 12)).astype(np.int32)
     batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), token_type_ids=np.zeros_like(ids),
                  labels=rng.integers(0, 2, 8).astype(np.int32), weights=np.ones(8, np.float32))
-    state, m = step(state, train.device_batch(mesh, batch), None)
+    state, m = step(state, sharding.device_batch(mesh, batch), None)
     losses.append(float(m['loss']))
     params.append(first_values(state))
   return {'losses': losses, 'params': params, 'param_specs': _specs(state.params),

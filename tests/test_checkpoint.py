@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from bitbert_jax import checkpoint as ckpt_lib
-from bitbert_jax import train
+from bitbert_jax import evaluate as evaluate_lib
+from bitbert_jax import preempt as preempt_lib
+from bitbert_jax import sharding, train
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import init_params
 from bitbert_jax.train_state import new_state
@@ -151,14 +153,14 @@ def test_manifest_names_the_problem(tmp_path):
 def clean_run(tmp_path_factory):
   batches = Batches()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train, 'evaluate', fake_evaluate(batches))
+    mp.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
     return tiny_train(str(tmp_path_factory.mktemp('clean')), batches, eval_every=2)
 
 
 def test_crash_damage_resume_equals_uninterrupted(clean_run, tmp_path, monkeypatch, caplog):
   workdir = str(tmp_path)
   batches = Batches(crash_at=8)
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
   with pytest.raises(Crash):
     tiny_train(workdir, batches, eval_every=2)
   ck = os.path.join(workdir, 'checkpoints')
@@ -179,10 +181,10 @@ def test_crash_damage_resume_equals_uninterrupted(clean_run, tmp_path, monkeypat
 def test_resume_after_the_last_step_returns_the_same(clean_run, tmp_path, monkeypatch):
   workdir = str(tmp_path)
   batches = Batches()
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
   first_state, first_evals = tiny_train(workdir, batches, eval_every=2, keep_best=False)
   # A re-run (stage output lost, checkpoints kept) trains nothing and returns the same.
-  monkeypatch.setattr(train, 'evaluate', lambda *a: pytest.fail('evaluated again'))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', lambda *a: pytest.fail('evaluated again'))
   state, evals = tiny_train(workdir, Batches(crash_at=1), eval_every=2, keep_best=False)
   assert evals == first_evals and evals['score'] == -12.0  # the last evaluation, step 12
   assert_trees_equal(state.params, first_state.params)
@@ -234,11 +236,12 @@ def test_sigterm_during_an_evaluation_checkpoints_and_redoes_it_on_resume(clean_
   def evaluate(*args):
     if batches.step == 4 and 'resume' not in evaluated:
       signal.raise_signal(signal.SIGTERM)
-      preempt.check('evaluation')  # as train.predict does between eval batches
+      preempt.check('evaluation')  # as evaluate.predict does between eval batches
     evaluated.append(batches.step)
     return done(*args)
-  monkeypatch.setattr(train, 'evaluate', evaluate)
-  with pytest.raises(train.Preempted, match=r'^preempted at stage tiny step 4 during evaluation'):
+  monkeypatch.setattr(evaluate_lib, 'evaluate', evaluate)
+  with pytest.raises(preempt_lib.Preempted,
+                     match=r'^preempted at stage tiny step 4 during evaluation'):
     tiny_train(workdir, batches, eval_every=2)
   ckpts = ckpt_lib.StageCheckpoints(os.path.join(workdir, 'checkpoints'))
   try:

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from bitbert_jax import pipeline, sharding, train
-from bitbert_jax.data import get_task, load_tokenizer
+from bitbert_jax import pipeline, preempt, sharding, train
+from bitbert_jax.data import batching, get_task, load_tokenizer
+from bitbert_jax.distill.objective import Objective
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.logs import MetricsWriter
 from bitbert_jax.model import init_params
@@ -38,7 +39,7 @@ def write_corpus(path, lines):
 
 def stream(tokenizer, path, wrap=True, steps_per_epoch=STEPS_PER_EPOCH):
   corpus = pipeline.Corpus([path], tokenizer, MAX_LENGTH, seed=0)
-  return train.StreamBatches(lambda epoch, repeat: corpus(BATCH, epoch, repeat), steps_per_epoch,
+  return batching.StreamBatches(lambda epoch, repeat: corpus(BATCH, epoch, repeat), steps_per_epoch,
                              BATCH, name=corpus.name, field='config.stages.general_kd',
                              wrap=wrap)
 
@@ -90,14 +91,14 @@ def run_stage(workdir, batches, epochs=2.0):
   state = new_state(WIDE, init_params(WIDE, rng=jax.random.PRNGKey(0)), rng=jax.random.PRNGKey(1))
   writer = MetricsWriter(workdir, enabled=True)
   try:
-    return train.train(state, name='general_kd', objective=train.Objective(('label',)),
+    return train.train(state, name='general_kd', objective=Objective(('label',)),
                        settings=settings, batches=batches, mesh=mesh, workdir=workdir,
                        writer=writer, task=None, dev_sets=None)
   finally:
     writer.close()
 
 
-class Counted(train.StreamBatches):
+class Counted(batching.StreamBatches):
   """StreamBatches that crash before global step `crash_at` (a kill between two steps)."""
 
   def __init__(self, inner, crash_at):
@@ -145,7 +146,7 @@ def test_sigterm_while_streaming_a_big_corpus_checkpoints_and_resumes(tmp_path, 
   seen.clear()
   term_at[0] = 2000 + 300  # mid-way through epoch 1's pass
   workdir = str(tmp_path / 'term')
-  with pytest.raises(train.Preempted) as e:
+  with pytest.raises(preempt.Preempted) as e:
     run_stage(workdir, long_stream())
   assert str(e.value) == ('preempted at stage general_kd step 2 during corpus streaming; re-run '
                           'the same command to resume')
@@ -158,7 +159,7 @@ def test_sigterm_while_streaming_a_big_corpus_checkpoints_and_resumes(tmp_path, 
   assert_trees_equal(resumed.params, clean.params)
 
 
-class Dry(train.TaskBatches):
+class Dry(batching.TaskBatches):
   """An epoch that yields nothing; after 3 tries the test fails instead of hanging."""
 
   def __init__(self):

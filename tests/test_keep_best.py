@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from bitbert_jax import train, validate
+from bitbert_jax import evaluate as evaluate_lib
+from bitbert_jax import validate
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.distill import stages
 from helpers import Batches, assert_trees_equal, load_config, tiny_train
@@ -26,7 +27,7 @@ def _scored(batches, seen):
 @pytest.mark.parametrize('keep_best', [True, False])
 def test_best_of_several_evaluations_is_kept(tmp_path, monkeypatch, keep_best):
   batches, seen = Batches(), {}
-  monkeypatch.setattr(train, 'evaluate', _scored(batches, seen))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', _scored(batches, seen))
   # 6 steps per epoch, 4 epochs, an evaluation every 4 steps: 6 of them, 4 inside epochs.
   state, evals = tiny_train(str(tmp_path), batches, epochs=4.0, eval_every=4,
                             keep_best=keep_best)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from bitbert_jax import checkpoint as ckpt_lib
-from bitbert_jax import train
+from bitbert_jax import evaluate as evaluate_lib
+from bitbert_jax import logs
 from helpers import Batches, Crash, fake_evaluate, tiny_train
 
 
@@ -30,8 +31,8 @@ def restore_newest(workdir):
 def test_nonfinite_loss_stops_with_stage_and_step(tmp_path, monkeypatch, value):
   workdir = str(tmp_path)
   batches = Batches(poison={5: value})
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
-  with pytest.raises(train.NonFiniteError, match=r"stage 'tiny'.*at step 5 .*newest checkpoint, "
+  monkeypatch.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
+  with pytest.raises(logs.NonFiniteError, match=r"stage 'tiny'.*at step 5 .*newest checkpoint, "
                      r'step 4, is kept.*skip_nonfinite=True') as e:
     tiny_train(workdir, batches, eval_every=2)
   assert '\n' not in str(e.value)
@@ -46,7 +47,7 @@ def test_nonfinite_loss_stops_with_stage_and_step(tmp_path, monkeypatch, value):
 def test_skip_nonfinite_skips_counts_and_resumes(tmp_path, monkeypatch):
   workdir = str(tmp_path)
   batches = Batches(poison={3: np.nan, 5: np.inf}, crash_at=8)
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
   with pytest.raises(Crash):
     tiny_train(workdir, batches, skip_nonfinite=True)
   by_step = {r['step']: r for r in rows(workdir) if 'loss' in r}
@@ -63,7 +64,7 @@ def test_skipped_batches_leave_parameters_unchanged(tmp_path, monkeypatch):
   """Every batch after the 2nd is poisoned: the final parameters are those of step 2."""
   workdir = str(tmp_path)
   batches = Batches(poison={s: np.nan for s in range(3, 13)})
-  monkeypatch.setattr(train, 'evaluate', fake_evaluate(batches))
+  monkeypatch.setattr(evaluate_lib, 'evaluate', fake_evaluate(batches))
   state, _ = tiny_train(workdir, batches, skip_nonfinite=True, keep_best=False,
                         keep_checkpoints=20)
   assert [r for r in rows(workdir) if 'loss' in r][-1]['nonfinite_skipped'] == 10

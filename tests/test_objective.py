@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitbert_jax import train
 from bitbert_jax.distill import layer_map, losses
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.model import BertConfig, BertModel, init_params
 
 CFG = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -23,8 +23,8 @@ def _batch():
 
 def _loss(**objective):
   student, teacher = init_params(CFG, rng=jax.random.PRNGKey(1)), init_params(CFG)
-  obj = train.Objective(('pred', 'attn', 'hidden'), layer_map.uniform(2, 2), **objective)
-  fn = train.make_loss_fn(BertModel(CFG), BertModel(CFG), obj, False)
+  obj = objective_lib.Objective(('pred', 'attn', 'hidden'), layer_map.uniform(2, 2), **objective)
+  fn = objective_lib.make_loss_fn(BertModel(CFG), BertModel(CFG), obj, False)
   loss, (terms, _) = fn(student, {}, {}, _batch(), teacher, jax.random.PRNGKey(0))
   return float(loss), {k: float(v) for k, v in terms.items()}
 
@@ -71,10 +71,10 @@ def test_stage_fields_build_the_objective(monkeypatch):
     ctx = stages.StageContext(
         name='kd', stage=config_lib.stage('task_kd', **fields), config=config_lib.base_config({}),
         workdir='', mesh=None, writer=None, task=get_task('mnli'),
-        teacher=train.Teacher(CFG, teacher),
+        teacher=objective_lib.Teacher(CFG, teacher),
         data=types.SimpleNamespace(train=tiny_split(), dev=None, augmented=None))
     stages.task_kd(new_state(CFG, student, rng=jax.random.PRNGKey(2)), ctx)
-    fn = train.make_loss_fn(BertModel(CFG), BertModel(CFG), handed['objective'], False)
+    fn = objective_lib.make_loss_fn(BertModel(CFG), BertModel(CFG), handed['objective'], False)
     loss, (terms, _) = fn(student, {}, {}, _batch(), teacher, jax.random.PRNGKey(0))
     return float(loss), {k: float(v) for k, v in terms.items() if '/' not in k}
 

@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from bitbert_jax import data as data_lib
-from bitbert_jax import paths, pipeline, train
+from bitbert_jax import paths, pipeline, preempt
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 from helpers import load_config  # pylint: disable=g-bad-import-order
@@ -97,7 +97,7 @@ def test_sigterm_while_tokenizing_stops_cleanly_and_writes_nothing(tmp_path, tin
   c = load_config('xtc', f'preset=smoke,pretrained={tiny_pretrained},layers=1')
   c.task.glue_dir = glue
   workdir = str(tmp_path / 'runs' / 'x')
-  with pytest.raises(train.Preempted, match=r'^preempted during tokenization; re-run the same '
+  with pytest.raises(preempt.Preempted, match=r'^preempted during tokenization; re-run the same '
                      'command to resume$'):
     run(c, workdir)
   assert tokenizers[0].calls == 2  # stopped at the next chunk, not after the split

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitbert_jax import optim, train
+from bitbert_jax import optim, sharding
 from bitbert_jax.model import BertConfig, init_params
 from bitbert_jax.quant import policy_from_name
 from helpers import on_8_cpu_devices
@@ -19,7 +19,7 @@ def _flat(tree):
 
 def test_labels_follow_the_policy():
   params = init_params(TINY, POLICY)
-  labels = _flat(train.param_labels(POLICY)((params, {'hidden_proj': {'kernel': jnp.ones(2)}})))
+  labels = _flat(optim.param_labels(POLICY)((params, {'hidden_proj': {'kernel': jnp.ones(2)}})))
   quant = sorted(k for k, v in labels.items() if v == 'quant')
   assert len(quant) == 6 + 1  # q, k, v, attention output, FFN in, FFN out; word embeddings
   assert all('kernel' in k or 'word_embeddings' in k for k in quant)
@@ -32,10 +32,10 @@ def test_first_step_moves_each_group_by_its_own_lr():
   # Adam's first update is -lr * g / (|g| + eps) ~ -lr * sign(g): the step size is the group's lr.
   params = init_params(TINY, POLICY)
   tx, schedules = optim.make_optimizer(1e-2, 10, 0, weight_decay=0.0, clip_norm=0,
-                                       float_lr=1e-3, labels=train.param_labels(POLICY))
+                                       float_lr=1e-3, labels=optim.param_labels(POLICY))
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
-  labels = _flat(train.param_labels(POLICY)(params))
+  labels = _flat(optim.param_labels(POLICY)(params))
   for k, u in _flat(updates).items():
     lr = 1e-2 if labels[k] == 'quant' else 1e-3
     np.testing.assert_allclose(np.asarray(u), -lr / (1 + 1e-6), rtol=1e-5, err_msg=k)
@@ -51,11 +51,11 @@ def test_float_warmup_is_its_own():
 
 
 def test_one_group_unless_asked():
-  assert not train._grouped(POLICY, 1e-4, 0.1, 0.0, None)
-  assert not train._grouped(POLICY, 1e-4, 0.1, 1e-4, 0.1)
-  assert train._grouped(POLICY, 1e-4, 0.1, 1e-3, None)
-  assert train._grouped(POLICY, 1e-4, 0.1, 0.0, 0.5)
-  assert not train._grouped(policy_from_name('32-32-32'), 1e-4, 0.1, 1e-3, None)  # FP32 stage
+  assert not optim.needs_groups(POLICY, 1e-4, 0.1, 0.0, None)
+  assert not optim.needs_groups(POLICY, 1e-4, 0.1, 1e-4, 0.1)
+  assert optim.needs_groups(POLICY, 1e-4, 0.1, 1e-3, None)
+  assert optim.needs_groups(POLICY, 1e-4, 0.1, 0.0, 0.5)
+  assert not optim.needs_groups(policy_from_name('32-32-32'), 1e-4, 0.1, 1e-3, None)  # FP32 stage
 
 
 def test_sharded_state_of_grouped_optimizer_with_accumulation():
@@ -105,7 +105,7 @@ def test_group_fields_parse_from_the_command_line():
 def test_decay_mask_holds_in_both_groups():
   params = init_params(TINY, POLICY)
   tx, _ = optim.make_optimizer(0.1, 10, 0, weight_decay=0.5, clip_norm=1.0, float_lr=0.2,
-                               labels=train.param_labels(POLICY))
+                               labels=optim.param_labels(POLICY))
   zero = jax.tree.map(jnp.zeros_like, params)
   updates = _flat(tx.update(zero, tx.init(params), params)[0])
   decayed = {k for k, u in updates.items() if float(jnp.abs(u).sum()) > 0}

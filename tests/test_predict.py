@@ -347,7 +347,7 @@ def test_trained_student_round_trip(tmp_path):
   import importlib.util  # pylint: disable=g-import-not-at-top
   from bitbert_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from bitbert_jax import hf, pipeline, sharding  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from bitbert_jax.main import run  # pylint: disable=g-import-not-at-top
   from bitbert_jax.quant import QuantPolicy  # pylint: disable=g-import-not-at-top
   dev = _mrpc_dev()
@@ -378,8 +378,8 @@ def test_trained_student_round_trip(tmp_path):
   tok = data_lib.load_tokenizer(pretrained)
   encoded = data_lib.encode(data_lib.load_split('mrpc', 'validation', config.task.glue_dir)
                             .select(range(n)), tok, 'mrpc', max_len)
-  theirs = train_lib.predict(state.model, state.params, state.model_state, encoded, 8,
-                             sharding.make_mesh(config.mesh))
+  theirs = evaluate_lib.predict(state.model, state.params, state.model_state, encoded, 8,
+                                sharding.make_mesh(config.mesh))
   np.testing.assert_array_equal(encoded.labels, gold)
   # Both compute on the integer grid (quant/grid.py): measured max difference 7e-6.
   np.testing.assert_allclose(logits, theirs, rtol=0, atol=1e-4)

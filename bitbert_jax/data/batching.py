@@ -2,10 +2,14 @@
 
 An epoch is first planned as a list of global index arrays (cheap: one permutation and a few
 sorts), then batches are materialised lazily, so resuming at (epoch, k) costs nothing extra.
+`TaskBatches` and `StreamBatches` are what the trainer steps through: epochs of a tokenized
+split or of a corpus stream, each resumable at any batch.
 """
+import dataclasses
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from typing import Iterable, Iterator, Sequence
-
+import jax
 import numpy as np
 
 from bitbert_jax.data.tokenize import EncodedSplit
@@ -178,3 +182,69 @@ def padding_fraction(batches: Iterable[dict[str, np.ndarray]]) -> float:
   if not total:
     raise BitbertError('padding_fraction: no batches given')
   return 1.0 - real / total
+
+
+@dataclasses.dataclass
+class TaskBatches:
+  """Epochs over a tokenized split, resumable at (epoch, batch)."""
+  encoded: Any
+  batch_size: int
+  seed: int
+
+  def steps_per_epoch(self):
+    return num_batches(self.encoded, self.batch_size, drop_remainder=True)
+
+  def epoch(self, epoch, start=0):
+    return epoch_batches(self.encoded, self.batch_size, seed=self.seed, epoch=epoch,
+                                  drop_remainder=True, start=start,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+
+@dataclasses.dataclass
+class StreamBatches:
+  """An unlabelled stream (general-KD corpus) cut into epochs of `batches_per_epoch` batches.
+
+  `make(epoch, repeat)` restarts pass `repeat` of the stream for an epoch deterministically
+  (its StopIteration value, if any, counts the stream's sequences). A stream shorter than an
+  epoch starts its next pass when `wrap`, else stops with an error naming `name`; so an epoch
+  is a pure function of its number and resumes at any batch.
+  """
+  make: Callable[[int, int], Iterator[dict]]
+  batches_per_epoch: int
+  batch_size: int = 0
+  name: str = 'corpus'
+  field: str = 'config'
+  wrap: bool = True
+
+  def steps_per_epoch(self):
+    return self.batches_per_epoch
+
+  def epoch(self, epoch, start=0):
+    # resume: skipping `start` batches replays the same pure function of (seed, epoch, pass)
+    return itertools.islice(self._passes(epoch), start, self.batches_per_epoch)
+
+  def _passes(self, epoch):
+    for repeat in itertools.count():
+      it, yielded = self.make(epoch, repeat), 0
+      while True:
+        try:
+          batch = next(it)
+        except StopIteration as stop:
+          sequences = stop.value
+          break
+        yielded += 1
+        yield batch
+      if not yielded or not self.wrap:
+        raise BitbertError(self._short(sequences, yielded))
+
+  def _short(self, sequences, yielded):
+    held = f'{sequences} sequences' if isinstance(sequences, int) else f'{yielded} batches'
+    wanted = f'{self.batches_per_epoch} batches of {self.batch_size}'
+    if not yielded:
+      return (f'{self.field}: corpus {self.name} holds {held}, fewer than one batch of '
+              f'{self.batch_size}; give more text or lower {self.field}.batch_size')
+    return (f'{self.field}: corpus {self.name} holds {held}; the stage asks for {wanted} '
+            f'(= {self.batches_per_epoch * self.batch_size} sequences) per epoch; set '
+            f'{self.field}.wrap_corpus=True to start its next pass, or lower '
+            f'{self.field}.steps_per_epoch')

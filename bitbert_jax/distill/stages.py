@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
 from bitbert_jax.distill import layer_map as layer_map_lib
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
 from bitbert_jax.quant.policy import QuantPolicy, policy_from_name
@@ -33,8 +35,8 @@ class StageContext:
   writer: Any
   task: Any = None
   data: Any = None
-  teacher: train_lib.Teacher | None = None
-  pretrained: train_lib.Teacher | None = None
+  teacher: objective_lib.Teacher | None = None
+  pretrained: objective_lib.Teacher | None = None
   corpus: Callable | None = None  # corpus(batch_size, epoch, repeat) -> iterator of batches
   student_layers: tuple[int, ...] | None = None  # teacher layers the student was built from
   results: dict = dataclasses.field(default_factory=dict)  # a stage's dev metrics go here
@@ -70,7 +72,7 @@ def _task_batches(ctx, batch_size):
   train = ctx.data.augmented if ctx.stage.get('data', 'task') == 'augmented' else ctx.data.train
   if train is None:
     raise BitbertError(f'config.stages.{ctx.name}.data=augmented but no augment stage ran before')
-  return train_lib.TaskBatches(train, batch_size, ctx.config.seed)
+  return batching.TaskBatches(train, batch_size, ctx.config.seed)
 
 
 def _run(state, ctx, objective, batches, teacher):
@@ -99,7 +101,7 @@ def attach_head(state, task, rng_seed=0):
 def finetune(state, ctx):
   """Stage 0: the teacher, fine-tuned on gold labels from a pre-trained checkpoint."""
   state = attach_head(state, ctx.task, ctx.config.seed)
-  return _run(state, ctx, train_lib.Objective(('label',)), _task_batches(ctx, settings(ctx).batch_size),
+  return _run(state, ctx, objective_lib.Objective(('label',)), _task_batches(ctx, settings(ctx).batch_size),
               None)
 
 
@@ -147,7 +149,7 @@ def init_student(state, ctx):
   model = BertModel(cfg)
   rng = jax.random.PRNGKey(ctx.config.seed)
   abstract = jax.eval_shape(lambda r: init_variables(model, r)['params'], rng)
-  shardings = train_lib.param_shardings(ctx.mesh, model, abstract)
+  shardings = sharding.param_shardings(ctx.mesh, model, abstract)
   params = jax.jit(lambda r: init_variables(model, r)['params'], out_shardings=shardings)(rng)
   return new_state(cfg, params, rng=rng)
 
@@ -184,11 +186,11 @@ def general_kd(state, ctx):
   teacher = ctx.pretrained
   if state.model_config.num_attention_heads != teacher.config.num_attention_heads:
     raise BitbertError(f'config.stages.{ctx.name}: student and teacher need equal head counts')
-  objective = train_lib.Objective(LOSS_SETS['stage1'],
+  objective = objective_lib.Objective(LOSS_SETS['stage1'],
                                   _layer_map(ctx, state.model_config, teacher.config))
   state = _with_projection(state, teacher.config, ctx.config.seed)
   sets = settings(ctx)
-  batches = train_lib.StreamBatches(
+  batches = batching.StreamBatches(
       lambda epoch, repeat: ctx.corpus(sets.batch_size, epoch, repeat),
       ctx.stage.get('steps_per_epoch') or 1000, sets.batch_size,
       name=getattr(ctx.corpus, 'name', 'corpus'), field=sets.field,
@@ -207,7 +209,7 @@ def task_kd(state, ctx):
   state = attach_head(state, ctx.task, ctx.config.seed)
   st = ctx.stage
   weights = tuple((k, float(st.get(f'{k}_weight', 1.0))) for k in ('pred', 'attn', 'hidden'))
-  objective = train_lib.Objective(LOSS_SETS[which],
+  objective = objective_lib.Objective(LOSS_SETS[which],
                                   _layer_map(ctx, state.model_config, ctx.teacher.config),
                                   st.get('temperature', 1.0), weights, st.get('attn_loss', 'mse'))
   if 'hidden' in objective.losses:
