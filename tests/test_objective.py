@@ -58,6 +58,7 @@ def test_stage_fields_build_the_objective(monkeypatch):
   """A task_kd stage's losses, weights, attn_loss and temperature fields make the loss it trains."""
   import types  # pylint: disable=g-import-not-at-top
   from bitbert_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   from bitbert_jax.data import get_task  # pylint: disable=g-import-not-at-top
   from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   from bitbert_jax.distill import stages  # pylint: disable=g-import-not-at-top
