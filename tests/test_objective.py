@@ -60,7 +60,6 @@ def test_stage_fields_build_the_objective(monkeypatch):
   from bitbert_jax import config_lib  # pylint: disable=g-import-not-at-top
   from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   from bitbert_jax.data import get_task  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   from bitbert_jax.distill import stages  # pylint: disable=g-import-not-at-top
   from bitbert_jax.train_state import new_state  # pylint: disable=g-import-not-at-top
   from helpers import tiny_split  # pylint: disable=g-import-not-at-top
