@@ -120,9 +120,9 @@ def train(state, *, name, objective, settings, batches, mesh, workdir, writer, t
 
   Resumes from the newest intact checkpoint under `workdir/checkpoints` when one exists; a
   resumed stage ends bitwise equal to an uninterrupted one (data order, dropout RNG, optimizer,
-  best-on-dev and skip counter are all in the checkpoint). SIGTERM (see `preemptible`) writes a
-  checkpoint and raises Preempted; a non-finite loss or gradient norm raises NonFiniteError
-  (the newest checkpoint predates it) unless `settings.skip_nonfinite`.
+  best-on-dev and skip counter are all in the checkpoint). SIGTERM (see `preempt.preemptible`)
+  writes a checkpoint and raises `preempt.Preempted`; a non-finite loss or gradient norm raises
+  `logs.NonFiniteError` (the newest checkpoint predates it) unless `settings.skip_nonfinite`.
   """
   with preempt.preemptible():
     return _train(state, name=name, objective=objective, settings=settings, batches=batches,
