@@ -27,6 +27,8 @@ EX_USAGE, EX_TEMPFAIL = 2, 75
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/xtc.py:task=rte',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved pipeline (a line per stage, '
+                             'and the rule behind each chosen value), then exit; writes nothing.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -56,7 +58,8 @@ def run(config, workdir):
     claim.commit()
     if jax.process_index() == 0:
       pipeline.write_config(config, workdir)
-    results, state, tokenizer_dir = pipeline.execute(config, workdir, inputs)
+      tokenizer_dir = pipeline.save_tokenizer(workdir, inputs.tokenizer_dir)
+    results, state = pipeline.execute(config, workdir, inputs)
     if jax.process_index() == 0:
       _export(config, workdir, state, tokenizer_dir, results)
   return results
@@ -86,6 +89,10 @@ def main(argv):
   except OSError as e:
     _fail(f'--config: {e}')
   try:
+    if _DRY_RUN.value:
+      from bitbert_jax import plan  # pylint: disable=g-import-not-at-top
+      print(plan.describe(config, _WORKDIR.value))
+      return
     with train.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
       results = run(config, _WORKDIR.value)
   except train.Preempted as e:
