@@ -10,6 +10,7 @@ Flags only; the pipeline runner does the work. Exit status:
   75  (EX_TEMPFAIL) preempted: SIGTERM wrote a checkpoint; re-run the same command to resume.
 A run killed any other way (SIGKILL, power loss) also resumes when the same command is re-run,
 from the newest checkpoint, and ends bitwise equal (on CPU) to an uninterrupted run.
+`--dry_run` prints the resolved pipeline (and why each rule-chosen value) and writes nothing.
 """
 import json
 import logging

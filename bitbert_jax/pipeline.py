@@ -332,7 +332,7 @@ def _execute(config, workdir, inputs, writer):
     if done is not None:
       state, info = done
       log.info('[%s] already complete: loaded from %s', name, stage_dir)
-      record = stage.resume(state, ctx, info)
+      ctx = stages_lib.fold(ctx, stage.resume(state, ctx, info))
     else:
       t0 = time.time()
       try:
@@ -341,14 +341,14 @@ def _execute(config, workdir, inputs, writer):
         if e.stage is not None:
           raise
         raise train_lib.Preempted(name, 0, e.during) from None  # before its first step
-      layers = stages_lib.fold(ctx, record).student_layers  # as every later stage's output
+      ctx = stages_lib.fold(ctx, record)
+      layers = ctx.student_layers  # every stage's output names the student's teacher layers
       info = {'kind': kind, 'dev': record.dev, 'seconds': time.time() - t0,
               'student_layers': list(layers) if layers else None}
       state = _carry(state)
       if jax.process_index() == 0:
         _save_stage(stage_dir, jax.device_get(state), info)
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')
-    ctx = stages_lib.fold(ctx, record)
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}
     results['stages'][name]['policy'] = state.policy.name
     if i + 1 < len(names) and train_lib.preempt_requested():

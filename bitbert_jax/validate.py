@@ -2,8 +2,10 @@
 
 `validate_config` needs the config alone (plus the device count and a look at the files it
 names); `check_models` runs once the checkpoints and the tokenizer are loaded and checks that
-they fit the pipeline (layer lists, widths, heads, vocabulary, the teacher's head). Every
-failure is a BitbertError that names the config field, file or tensor and the valid choices.
+they fit the pipeline (layer lists, widths, heads, vocabulary, the teacher's head). A stage's
+own section is checked by its kind (`stage_config.KINDS`); this module checks the run-wide
+sections and asks each stage in turn. Every failure is a BitbertError that names the config
+field, file or tensor and the valid choices.
 """
 import math
 import os

@@ -11,10 +11,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from bitbert_jax import data as data_lib
-from bitbert_jax import pipeline
+from bitbert_jax import pipeline, validate
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
-from test_pipeline import load_config  # pylint: disable=g-bad-import-order
+from helpers import load_config  # pylint: disable=g-bad-import-order
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 WEIGHTS = 'model.safetensors'
@@ -322,7 +322,7 @@ def test_the_base_configs_pass(env, tmp_path, name):
   """The cases fail because of what they change: unchanged, every input is accepted."""
   c = xtc(env) if name == 'xtc' else multistage(env)
   inputs = pipeline.prepare(c, str(tmp_path))
-  assert inputs.names == pipeline.pipeline_stages(c)
+  assert inputs.names == validate.stage_names(c)
 
 
 def cli(args, **env):
