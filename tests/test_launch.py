@@ -11,12 +11,13 @@ import sys
 
 import pytest
 
+from bitbert_jax.distill.stage_config import TRAINING_KINDS
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 LAUNCH = os.path.join(REPO, 'launch')
 NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
 TPU_POD = os.path.join(LAUNCH, 'tpu_pod.sh')
 GPU_NODE = os.path.join(LAUNCH, 'gpu_node.sh')
-TRAINING_KINDS = ('finetune', 'task_kd', 'general_kd')
 
 
 def _code_cells(nb):

@@ -143,8 +143,7 @@ def test_init_student_fit_follows_the_stages_own_student():
   m = _fit('init_student', _models())
   assert m.student.num_hidden_layers == 2 and m.student_layers is None  # half of 4
   built = stage_config.student_config(stage_config.section(config_lib.stage('init_student')),
-                                      BASE, ml_collections.ConfigDict(dict(dtype='float32',
-                                                                           remat=False)))
+                                      'config.stages.x', BASE)
   assert built.num_hidden_layers == m.student.num_hidden_layers  # one rule for both
   m = _fit('init_student', _models(), init='pretrained', num_layers=2)
   assert m.student_layers == [1, 3]  # the XTC default for 4 -> 2

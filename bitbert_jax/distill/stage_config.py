@@ -233,16 +233,17 @@ def _check_augment(config, name, before, data_parallel):
 # The students the constructors build, and the fit of each distillation pair.
 
 
-def student_depth(s, base):
-  """init_student's depth: `s.num_layers`, else half of `base`'s, so the uniform map applies."""
-  return s.num_layers or max(1, base.num_hidden_layers // 2)
-
-
-def student_config(s, base, model):
-  """init_student's student: `student_depth` deep, `s.hidden_size` wide (default `base`'s),
-  headless; `model`: config.model (dtype, remat)."""
+def student_config(s, field, base, model=None):
+  """init_student's student: `s.num_layers` deep (default: half of `base`, so that the uniform
+  layer map applies), `s.hidden_size` wide (default `base`'s), with `base`'s attention heads,
+  headless; `model`: config.model (dtype, remat; None: `base`'s)."""
   hidden = s.hidden_size or base.hidden_size
-  return base.replace(num_hidden_layers=student_depth(s, base), hidden_size=hidden,
+  if hidden % base.num_attention_heads:  # the attention loss needs the teacher's head count
+    raise BitbertError(f'{field}.hidden_size={hidden}: not a multiple of the teacher\'s '
+                       f'{base.num_attention_heads} attention heads')
+  depth = s.num_layers or max(1, base.num_hidden_layers // 2)
+  model = model or base
+  return base.replace(num_hidden_layers=depth, hidden_size=hidden,
                       intermediate_size=s.intermediate_size or 4 * hidden, num_labels=0,
                       label_names=(), dtype=model.dtype, remat=model.remat)
 
@@ -284,14 +285,11 @@ def _fp32(s, before):
 
 def _fit_init_student(s, field, m):
   base = m.pretrained
-  hidden = s.hidden_size or base.hidden_size
-  if hidden % base.num_attention_heads:
-    raise BitbertError(f'{field}.hidden_size={hidden}: not a multiple of the teacher\'s '
-                       f'{base.num_attention_heads} attention heads')
-  student = base.replace(num_hidden_layers=student_depth(s, base), hidden_size=hidden)
+  student = student_config(s, field, base)
   if s.init == 'random':
     return dataclasses.replace(m, student=student, student_layers=None)
-  for key, have in (('hidden_size', hidden), ('intermediate_size', s.intermediate_size)):
+  for key, have in (('hidden_size', student.hidden_size),
+                    ('intermediate_size', s.intermediate_size)):
     want = getattr(base, key)
     if have and have != want:
       raise BitbertError(f'{field}.{key}={have}: init=pretrained copies config.pretrained\'s '

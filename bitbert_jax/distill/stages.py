@@ -170,11 +170,8 @@ def init_student(state, ctx):
   of `stage_config.student_config` created already sharded (TinyBERT), or with `init:
   pretrained` a copy of some of its layers at its width, headless like the random one (a short
   general KD then starts from a working model instead of noise)."""
-  base = state.model_config
-  cfg = stage_config.student_config(ctx.stage, base, ctx.config.model)
-  if cfg.num_attention_heads != base.num_attention_heads:
-    raise BitbertError(f'config.stages.{ctx.name}: the student needs the teacher\'s '
-                       f'{base.num_attention_heads} attention heads for the attention loss')
+  cfg = stage_config.student_config(ctx.stage, f'config.stages.{ctx.name}', state.model_config,
+                                    ctx.config.model)
   if ctx.stage.init == 'pretrained':
     return _copied_student(state, ctx, cfg.num_hidden_layers, False, 'config.pretrained')
   model = BertModel(cfg)
