@@ -1,13 +1,16 @@
 """Shared pieces of the `configs/*.py` files: defaults, the `:arg` parser, stage builders.
 
 Configs are data: every field below can be overridden on the command line
-(`--config.optim.lr=3e-5`, `--config.stages.kd_1bit.epochs=2`).
+(`--config.optim.lr=3e-5`, `--config.stages.kd_1bit.epochs=2`). A value that a rule chose
+(a preset, an `auto` switch, a given `layers`) is set with `rule`, which records why in
+`config.rules`; `--dry_run` prints the reasons.
 """
 import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from bitbert_jax.distill import stage_config
 from bitbert_jax.errors import BitbertError
 
 PRESETS = ('smoke', 'quick', 'paper')
@@ -72,53 +75,60 @@ def base_config(args):
       batch_size=32, log_every=50, eval_every=0, checkpoint_every_steps=0,
       checkpoint_every_secs=600.0, keep_checkpoints=2, skip_nonfinite=False, grad_accum_steps=1,
       report_memory=True))
-  c.export = ml_collections.ConfigDict(dict(packed=True, hf=True, float_dtype='float16'))
+  c.export = ml_collections.ConfigDict(dict(packed=True, float_dtype='float16'))
   c.stages = ml_collections.ConfigDict()
   c.pipeline = ''
+  # Values a rule chose, at their fields' paths: (value, why); see `rule`.
+  c.rules = ml_collections.ConfigDict(type_safe=False)
   return c
 
 
 def stage(kind, **fields):
-  """One stage section. Training stages take epochs/lr/batch_size/max_steps overrides."""
-  base = dict(kind=kind)
-  if kind in ('finetune', 'general_kd', 'task_kd'):
-    # Typed placeholders (None until set), so that `--config.stages.X.lr=...` parses.
-    base.update(epochs=1.0, lr=placeholder(float), batch_size=placeholder(int), max_steps=-1,
-                warmup=placeholder(float), keep_best=placeholder(bool),
-                eval_every=placeholder(int), data='task', float_lr=placeholder(float),
-                float_warmup=placeholder(float), warmin=placeholder(float))
-  if kind == 'task_kd':
-    # Loss weights per term; attn_loss: 'mse' (pre-softmax scores) or 'kl' (probabilities).
-    base.update(losses='all', temperature=1.0, layers=[], pred_weight=1.0, attn_weight=1.0,
-                hidden_weight=1.0, attn_loss='mse')
-  if kind in ('init_student',):
-    # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width).
-    base.update(num_layers=0, hidden_size=0, intermediate_size=0, init='random', layers=[])
-  if kind == 'general_kd':
-    # wrap_corpus: a corpus shorter than an epoch starts its next pass (False: an error).
-    base.update(steps_per_epoch=1000, layers=[], wrap_corpus=True)
-  if kind == 'reduce_layers':
-    base.update(num_layers=0, layers=[])
-  if kind == 'quantize':
-    base.update(bits='1-1-8')
-  base.update(fields)
-  return ml_collections.ConfigDict(base, type_safe=False)
+  """One stage section: `kind`'s fields (stage_config.KINDS) with their defaults, then `fields`."""
+  return ml_collections.ConfigDict(dict(kind=kind, **{**stage_config.defaults(kind), **fields}),
+                                   type_safe=False)
+
+
+def rule(c, path, value, why):
+  """Sets the field at dotted `path` of `c` to `value`, which a rule chose because `why`
+  ('': no rule); `--dry_run` shows the reason for as long as the field holds that value."""
+  *parents, leaf = path.split('.')
+  node, notes = c, c.rules
+  for p in parents:
+    node = node[p]
+    if p not in notes:
+      notes[p] = ml_collections.ConfigDict(type_safe=False)
+    notes = notes[p]
+  node[leaf] = value
+  if why:
+    notes[leaf] = (value, why)
+
+
+def why(c, path):
+  """The reason `rule` recorded for the field at dotted `path`, or '' (none, or overridden)."""
+  node, notes = c, c.get('rules') or {}
+  for p in path.split('.'):
+    if p not in notes or p not in node:
+      return ''
+    node, notes = node[p], notes[p]
+  value, reason = notes
+  return reason if node == value else ''
 
 
 def apply_preset(c, preset):
   """smoke: seconds, for tests; quick: minutes on a laptop CPU on real data; paper: the recipe."""
   if preset == 'smoke':
     c.task.max_length, c.task.max_train_examples, c.task.max_dev_examples = 32, 64, 32
-    c.train.batch_size, c.train.log_every, c.train.report_memory = 8, 4, False
+    c.train.log_every, c.train.report_memory = 4, False
+    rule(c, 'train.batch_size', 8, 'preset=smoke')
   elif preset == 'quick':
     c.task.max_length, c.task.max_train_examples = 128, 1000
-    c.train.batch_size, c.train.log_every = 16, 20
-  return c
+    c.train.log_every = 20
+    rule(c, 'train.batch_size', 16, 'preset=quick')
 
 
-def smoke_epochs(c, preset, stage_names, epochs):
-  """Sets epochs on training stages: the given one unless smoke, where each runs one short epoch."""
-  for n in stage_names:
-    s = c.stages[n]
-    if 'epochs' in s:
-      s.epochs = 1.0 if preset == 'smoke' else epochs.get(n, s.epochs)
+def smoke_epochs(c, preset, names):
+  """preset=smoke: every training stage of `names` runs one short epoch."""
+  for n in names:
+    if preset == 'smoke' and c.stages[n].kind in stage_config.TRAINING_KINDS:
+      rule(c, f'stages.{n}.epochs', 1.0, 'preset=smoke: one epoch per training stage')

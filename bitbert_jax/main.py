@@ -13,6 +13,7 @@ Flags only; the pipeline runner does the work. Exit status:
   75  (EX_TEMPFAIL) preempted: SIGTERM wrote a checkpoint; re-run the same command to resume.
 A run killed any other way (SIGKILL, power loss) also resumes when the same command is re-run,
 from the newest checkpoint, and ends bitwise equal (on CPU) to an uninterrupted run.
+`--dry_run` prints the resolved pipeline (and why each rule-chosen value) and writes nothing.
 """
 import json
 import logging
@@ -31,6 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config name or file and its argument, e.g. xtc:task=rte or '
     'configs/xtc.py:task=rte', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved pipeline (a line per stage, '
+                             'and the rule behind each chosen value), then exit; writes nothing.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -61,7 +64,8 @@ def run(config, workdir):
     claim.commit()
     if jax.process_index() == 0:
       pipeline.write_config(config, workdir)
-    results, state, tokenizer_dir = pipeline.execute(config, workdir, inputs)
+      tokenizer_dir = pipeline.save_tokenizer(workdir, inputs.tokenizer_dir)
+    results, state = pipeline.execute(config, workdir, inputs)
     if jax.process_index() == 0:
       _export(config, workdir, state, tokenizer_dir, results)
       logging.getLogger('bitbert_jax').info('%s', progress.summary(results, workdir))
@@ -92,6 +96,10 @@ def main(argv):
   except OSError as e:
     _fail(f'--config: {e}')
   try:
+    if _DRY_RUN.value:
+      from bitbert_jax import pipeline  # pylint: disable=g-import-not-at-top
+      print(pipeline.dry_run(config, _WORKDIR.value))
+      return
     with preempt.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
       results = run(config, _WORKDIR.value)
   except preempt.Preempted as e:

@@ -1,13 +1,14 @@
-"""Runs the ordered stages of a config: config -> pipeline -> stage(state, ctx) -> state.
+"""Runs a config's ordered stages: config -> pipeline -> stage(state, ctx) -> (state, record).
 
 `prepare` reads and checks every input (data, checkpoints, their fit) and writes nothing;
 `execute` runs the stages. Each stage writes its output (parameters,
 RNG, config, policy, dev metrics) atomically under `workdir/stages/NN_name/`; re-running a
 pipeline loads completed stages and resumes the interrupted one from its newest checkpoint, so
-a killed run re-run with the same command ends bitwise equal to an uninterrupted one.
+a killed run re-run with the same command ends bitwise equal to an uninterrupted one. The
+runner knows no stage kind: `stages.STAGES[kind]` says where a stage starts, how a completed
+one is read back and when it is skipped; each record is folded into the next stage's context.
 """
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -16,13 +17,14 @@ import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from bitbert_jax import data as data_lib
 from bitbert_jax import hf
 from bitbert_jax import logs
-from bitbert_jax import paths
+from bitbert_jax import plan as plan_lib
 from bitbert_jax import preempt
 from bitbert_jax import progress as progress_lib
 from bitbert_jax import checkpoint as ckpt_lib
@@ -30,6 +32,7 @@ from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax import validate
 from bitbert_jax import workdir as workdir_lib
+from bitbert_jax.distill import stage_config
 from bitbert_jax.distill import stages as stages_lib
 from bitbert_jax.distill.objective import Teacher
 from bitbert_jax.errors import BitbertError
@@ -47,7 +50,6 @@ class TaskData:
   train: object  # EncodedSplit
   dev: dict  # split name -> EncodedSplit
   raw_train: object = None  # datasets.Dataset with the task's text fields (for augmentation)
-  augmented: object = None  # EncodedSplit, once an augment stage ran
 
   def sample_batch(self):
     from bitbert_jax.data import batching  # pylint: disable=g-import-not-at-top
@@ -66,8 +68,6 @@ def resolve_checkpoint(name):
   return name
 
 
-def pipeline_stages(config):
-  return validate.stage_names(config)
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(data_lib.__file__), 'sentiment')
@@ -220,15 +220,19 @@ def prepare(config, workdir):
   teacher = _load_checkpoint(config, 'teacher') if config.teacher else None
   pretrained = (_load_checkpoint(config, 'pretrained')
                 if validate.needs_pretrained(config, names) else None)
-  pretrained_dir = resolve_checkpoint(config.pretrained)
-  tokenizer_dir = config.tokenizer or (config.teacher and resolve_checkpoint(config.teacher)) \
-      or pretrained_dir
+  tokenizer_dir = tokenizer_source(config)
   task, data, source = load_task_data(config, tokenizer_dir)
   validate.check_models(config, names, task, data.tokenizer,
                         pretrained=pretrained and pretrained.config,
                         teacher=teacher and teacher.config)
   return Inputs(names, mesh, task, data, source, teacher, pretrained, tokenizer_dir,
                 _corpus_fn(config, names, data.tokenizer))
+
+
+def tokenizer_source(config):
+  """The run's tokenizer: config.tokenizer, else the teacher's, else the pre-trained model's."""
+  return (config.tokenizer or (config.teacher and resolve_checkpoint(config.teacher))
+          or resolve_checkpoint(config.pretrained))
 
 
 def write_config(config, workdir):
@@ -259,30 +263,21 @@ def _changed_fields(old, new, prefix='config'):
   return out
 
 
-def run(config, workdir):
-  """Runs the pipeline; returns (results, final state, tokenizer dir); results.json too."""
-  workdir = paths.absolute(workdir)
-  paths.absolute_config(config)
-  inputs = prepare(config, workdir)
-  if jax.process_index() == 0:
-    write_config(config, workdir)
-    save_tokenizer(workdir, inputs.tokenizer_dir)
-  return execute(config, workdir, inputs)
-
-
 TOKENIZER = 'tokenizer'  # workdir/tokenizer: the run's tokenizer files, for export and predict
 
 
 def save_tokenizer(workdir, tokenizer_dir):
   """Copies the run's tokenizer files into workdir/tokenizer (once; temp dir + rename), so
-  that `python -m bitbert_jax.export --checkpoint=WORKDIR` carries them without flags."""
+  that `python -m bitbert_jax.export --checkpoint=WORKDIR` carries them without flags.
+  Returns the directory to read them from: workdir/tokenizer, else `tokenizer_dir` (a hub id:
+  export falls back to the names in config.json)."""
   out = os.path.join(workdir, TOKENIZER)
   if os.path.isdir(out) or not (tokenizer_dir and os.path.isdir(tokenizer_dir)):
-    return  # a hub id: export falls back to the names in config.json
+    return out if os.path.isdir(out) else tokenizer_dir
   files = [n for n in packed_format.TOKENIZER_FILES
            if os.path.isfile(os.path.join(tokenizer_dir, n))]
   if not files:
-    return
+    return tokenizer_dir
   tmp = tempfile.mkdtemp(prefix=f'.{TOKENIZER}.tmp-', dir=workdir)
   try:
     for name in files:
@@ -291,16 +286,17 @@ def save_tokenizer(workdir, tokenizer_dir):
     os.rename(tmp, out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  return out
 
 
 def execute(config, workdir, inputs):
-  """Runs (or resumes) the stages; returns (results, final state, tokenizer dir).
+  """Runs (or resumes) the stages; returns (results, final state).
 
   SIGTERM (see preempt.preemptible) stops at the next step or between stages, after a
   checkpoint, with preempt.Preempted.
   """
   writer = logs.MetricsWriter(workdir)
-  run = progress_lib.RunProgress(inputs.names, functools.partial(_planned, config, inputs))
+  run = progress_lib.RunProgress(inputs.names, planned(config, len(inputs.data.train)))
   try:
     with preempt.preemptible(), progress_lib.running(run):
       return _execute(config, workdir, inputs, writer)
@@ -309,59 +305,51 @@ def execute(config, workdir, inputs):
 
 
 def _execute(config, workdir, inputs, writer):
-  names, mesh, task, data = inputs.names, inputs.mesh, inputs.task, inputs.data
-  teacher, pretrained, corpus = inputs.teacher, inputs.pretrained, inputs.corpus
-  tokenizer_dir = inputs.tokenizer_dir
+  names, pretrained = inputs.names, inputs.pretrained
+  # Every stage sees a read-only context; a stage's record is folded into the next one's.
+  frozen = ml_collections.FrozenConfigDict(config)
+  ctx = stages_lib.StageContext(
+      config=frozen, mesh=inputs.mesh, writer=writer, train=train_lib.train, task=inputs.task,
+      data=inputs.data, teacher=inputs.teacher, pretrained=pretrained, corpus=inputs.corpus,
+      tokenizer_dir=inputs.tokenizer_dir)
   state = new_state(pretrained.config, pretrained.params) if pretrained else None
-  results = {'task': task.name, 'data': inputs.source, 'stages': {}}
-  student_layers = None
+  results = {'task': inputs.task.name, 'data': inputs.source, 'stages': {}}
   run = progress_lib.active()
   for i, name in enumerate(names):
-    stage_cfg = config.stages[name]
+    kind = config.stages[name].kind
+    stage = stages_lib.STAGES[kind]
     stage_dir = os.path.join(workdir, 'stages', f'{i:02d}_{name}')
+    ctx = dataclasses.replace(ctx, name=name, stage=frozen_section(config, name),
+                              workdir=stage_dir)
+    why = stage.skip(ctx)
+    if why:
+      log.info('[%s] skipped: %s', name, why)
+      run.stage_end(i, 0.0, skipped=True)
+      continue
     done = load_stage_output(stage_dir)
     if done is not None:
       state, info = done
       log.info('[%s] already complete: loaded from %s', name, stage_dir)
+      ctx = stages_lib.fold(ctx, stage.resume(state, ctx, info))
       run.stage_end(i, info.get('seconds'), loaded=True)
-      if stage_cfg.kind == 'augment':  # its product is data, not params: reload it (cache hit)
-        stages_lib.augment(state, stages_lib.StageContext(
-            name=name, stage=stage_cfg, config=config, workdir=stage_dir, mesh=mesh,
-            writer=writer, task=task, data=data, teacher=teacher, pretrained=pretrained))
     else:
-      if stage_cfg.kind == 'finetune' and teacher is not None:
-        log.info('[%s] skipped: config.teacher is set', name)
-        run.stage_end(i, 0.0, skipped=True)
-        continue
-      if stage_cfg.kind in ('task_kd', 'reduce_layers') and teacher is None:
-        raise BitbertError(f'stage {name!r} needs a fine-tuned teacher: set config.teacher to a '
-                           'checkpoint dir, or put a finetune stage before it')
-      ctx = stages_lib.StageContext(name=name, stage=stage_cfg, config=config, workdir=stage_dir,
-                                    mesh=mesh, writer=writer, task=task, data=data,
-                                    teacher=teacher, pretrained=pretrained, corpus=corpus,
-                                    student_layers=student_layers)
       run.stage_start(i)
       t0 = time.time()
-      if stage_cfg.kind == 'finetune':
-        state = new_state(pretrained.config, pretrained.params)
       try:
-        state = stages_lib.STAGES[stage_cfg.kind](state, ctx)
+        state, record = stage.run(stage.start(state, ctx), ctx)
       except preempt.Preempted as e:
         if e.stage is not None:
           raise
         raise preempt.Preempted(name, 0, e.during) from None  # before its first step
-      student_layers = ctx.student_layers
-      info = {'kind': stage_cfg.kind, 'dev': ctx.results or None, 'seconds': time.time() - t0,
-              'student_layers': list(student_layers) if student_layers else None}
+      ctx = stages_lib.fold(ctx, record)
+      layers = ctx.student_layers  # every stage's output names the student's teacher layers
+      info = {'kind': kind, 'dev': record.dev, 'seconds': time.time() - t0,
+              'student_layers': list(layers) if layers else None}
       state = _carry(state)
       if jax.process_index() == 0:
         _save_stage(stage_dir, jax.device_get(state), info)
-      log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], ctx.results or '-')
+      log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')
       run.stage_end(i, info['seconds'])
-    student_layers = tuple(info.get('student_layers') or ()) or student_layers
-    if stage_cfg.kind == 'finetune':
-      teacher = Teacher(state.model_config, jax.device_get(state.params))
-      _export_hf(os.path.join(stage_dir, 'hf'), teacher, tokenizer_dir)
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}
     results['stages'][name]['policy'] = state.policy.name
     if i + 1 < len(names) and preempt.preempt_requested():
@@ -370,7 +358,12 @@ def _execute(config, workdir, inputs, writer):
                       'model_config': state.model_config.to_dict()}
   if jax.process_index() == 0:
     workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
-  return results, state, tokenizer_dir
+  return results, state
+
+
+def frozen_section(config, name):
+  """Stage `name`'s section with every field of its kind, read-only."""
+  return ml_collections.FrozenConfigDict(stage_config.section(config.stages[name]))
 
 
 def _last_dev(results):
@@ -378,16 +371,6 @@ def _last_dev(results):
     if r.get('dev'):
       return r['dev']
   return None
-
-
-def _export_hf(out_dir, teacher, tokenizer_dir):
-  if not os.path.exists(out_dir) and jax.process_index() == 0:
-    parent, stale = os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-'
-    for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
-      if name.startswith(stale):
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, out_dir,
-                          tokenizer_dir=tokenizer_dir)
 
 
 @dataclasses.dataclass
@@ -419,24 +402,25 @@ def _corpus_fn(config, names, tokenizer):
                 config.seed)
 
 
-def _planned(config, inputs, name):
-  """A stage's kind, training steps and batch size for the run's time estimate."""
-  stage = config.stages[name]
-  if stage.kind not in ('finetune', 'general_kd', 'task_kd') or (
-      stage.kind == 'finetune' and inputs.teacher is not None):
-    return progress_lib.Planned(stage.kind)
-  settings = stages_lib.settings(stages_lib.StageContext(
-      name=name, stage=stage, config=config, workdir='', mesh=None, writer=None,
-      data=inputs.data))
-  if stage.kind == 'general_kd':
-    per_epoch = stage.get('steps_per_epoch') or 1000
-  else:
-    rows = len(inputs.data.train)
-    if stage.get('data', 'task') == 'augmented':  # before the augment stage: its planned size
-      copies = [config.stages[n].get('copies', 0) for n in inputs.names
-                if config.stages[n].kind == 'augment']
-      rows = (len(inputs.data.augmented) if inputs.data.augmented is not None
-              else rows * (1 + sum(copies)))
-    per_epoch = data_lib.num_batches(rows, settings.batch_size, drop_remainder=True)
-  return progress_lib.Planned(stage.kind, train_lib.total_steps(settings, per_epoch),
-                              settings.batch_size)
+def planned(config, examples):
+  """name -> progress.Planned (kind, training steps, batch), as --dry_run plans the stages."""
+  rows = {r.cells['stage']: r.cells for r in plan_lib.plan(config, examples)}
+
+  def of(name):
+    c = rows[name]
+    if c['steps'].isdigit():
+      return progress_lib.Planned(c['kind'], int(c['steps']), int(c['batch']))
+    return progress_lib.Planned(c['kind'], None if c['batch'] != '-' else 0)  # trains, unknown
+  return of
+
+
+def dry_run(config, workdir):
+  """--dry_run's text: the config checked as a run checks it, the task data read (to count the
+  steps) where it can be, nothing written."""
+  validate.validate_config(config, jax.device_count())
+  try:
+    _, data, source = load_task_data(config, tokenizer_source(config))
+    examples = len(data.train)
+  except (BitbertError, OSError, ValueError) as e:
+    examples, source = None, ' '.join(str(e).split())
+  return plan_lib.describe(config, examples, source, workdir)

@@ -9,10 +9,9 @@ from bitbert_jax import config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', pretrained='minilm', epochs=3.0)
   c = config_lib.base_config(args)
-  c.optim.lr = 5e-5
   c.stages.finetune = config_lib.stage('finetune', epochs=args.epochs)
   c.pipeline = 'finetune'
   c.export.packed = False
   config_lib.apply_preset(c, args.preset)
-  config_lib.smoke_epochs(c, args.preset, ['finetune'], {})
+  config_lib.smoke_epochs(c, args.preset, ['finetune'])
   return c

@@ -10,10 +10,14 @@ config.pretrained's layers; default random, but pretrained for the quick preset,
 general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
 augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
 $CORPUS_DIR, else the WikiText-2 excerpt shipped in the package), preset.
+`--dry_run` prints the stages these arguments give, and which rule chose each value.
 """
 import os
 
 from bitbert_jax import config_lib
+
+KD = ['fp32_stage1', 'fp32_stage2', 'ternary_stage1', 'ternary_stage2', 'binary_stage1',
+      'binary_stage2']
 
 
 def get_config(arg=None):
@@ -26,48 +30,54 @@ def get_config(arg=None):
   data = 'augmented' if args.augment else 'task'
   s = config_lib.stage
   c.stages.finetune = s('finetune', epochs=3.0, lr=5e-5)
-  init = args.init or ('pretrained' if args.preset == 'quick' else 'random')
-  c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden,
-                            init=init)
+  c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden)
+  if not args.init:
+    quick = args.preset == 'quick'
+    config_lib.rule(c, 'stages.init_student.init', 'pretrained' if quick else 'random',
+                    "init='': pretrained for preset=quick (its short general KD cannot train a "
+                    'random student), else random' if quick else "init='': random (TinyBERT)")
+  else:
+    c.stages.init_student.init = args.init
   c.stages.general_kd = s('general_kd', epochs=3.0, lr=5e-5, batch_size=256)
-  c.stages.augment = s('augment', copies=20, probability=0.4, candidates=15, glove='')
+  c.stages.augment = s('augment')
   c.stages.fp32_stage1 = s('task_kd', losses='stage1', epochs=20.0, lr=5e-5, data=data)
   c.stages.fp32_stage2 = s('task_kd', losses='stage2', epochs=3.0, lr=3e-5, data=data)
   c.stages.quantize_2bit = s('quantize', bits=f'2-2-{act}')
   # Quantized KD at 5e-4, as XTC's 1-bit stage (BinaryBERT's 2.5e-5..1.25e-4 barely moves the
   # signs); STS-B 6L, quick: 2-bit 98.1%, 1-bit (split) 99.5% of the teacher (docs/RESULTS.md).
   qlr = 5e-4
-  c.stages.ternary_stage1 = s('task_kd', losses='stage1', epochs=2.0, lr=qlr, batch_size=16,
-                              data=data)
-  c.stages.ternary_stage2 = s('task_kd', losses='stage2', epochs=2.0, lr=qlr, batch_size=16,
-                              data=data)
+  for n in KD[2:]:
+    c.stages[n] = s('task_kd', losses=n.split('_')[1], epochs=2.0, lr=qlr, batch_size=16,
+                    data=data)
   c.stages.split = s('split')
-  c.stages.binary_stage1 = s('task_kd', losses='stage1', epochs=2.0, lr=qlr, batch_size=16,
-                             data=data)
-  c.stages.binary_stage2 = s('task_kd', losses='stage2', epochs=2.0, lr=qlr, batch_size=16,
-                             data=data)
   names = (['finetune', 'init_student', 'general_kd'] + (['augment'] if args.augment else []) +
-           ['fp32_stage1', 'fp32_stage2', 'quantize_2bit', 'ternary_stage1', 'ternary_stage2',
-            'split', 'binary_stage1', 'binary_stage2'])
+           KD[:2] + ['quantize_2bit'] + KD[2:4] + ['split'] + KD[4:])
   c.pipeline = ','.join(names)
   config_lib.apply_preset(c, args.preset)
   if args.preset == 'quick':  # XTC quick's budget: the whole training set, batch 32, 9 KD epochs
-    c.task.max_train_examples, c.train.batch_size = -1, 32
+    c.task.max_train_examples = -1
+    config_lib.rule(c, 'train.batch_size', 32, "preset=quick: XTC quick's batch")
   if args.preset != 'paper':
-    c.stages.general_kd.steps_per_epoch = 8 if args.preset == 'smoke' else 200
+    config_lib.rule(c, 'stages.general_kd.steps_per_epoch', 8 if args.preset == 'smoke' else 200,
+                    f'preset={args.preset}')
     for n in names:
       if c.stages[n].get('batch_size') is not None:
-        c.stages[n].batch_size = c.train.batch_size
+        config_lib.rule(c, f'stages.{n}.batch_size', c.train.batch_size,
+                        f'preset={args.preset}: every stage at config.train.batch_size')
   if args.preset == 'quick':
     c.stages.finetune.epochs = 2.0
     # 100 x 16 corpus sequences: ~7 min on 2 cores, enough for a pre-trained start.
-    c.stages.general_kd.epochs, c.stages.general_kd.steps_per_epoch = 1.0, 100
-    c.stages.general_kd.batch_size = 16
+    why = 'preset=quick: 100 x 16 corpus sequences, enough for a pre-trained start'
+    config_lib.rule(c, 'stages.general_kd.epochs', 1.0, why)
+    config_lib.rule(c, 'stages.general_kd.steps_per_epoch', 100, why)
+    config_lib.rule(c, 'stages.general_kd.batch_size', 16, why)
     kd_epochs = dict(fp32_stage1=1.0, fp32_stage2=1.0, ternary_stage1=2.0, ternary_stage2=1.0,
                      binary_stage1=2.0, binary_stage2=2.0)
     for n, epochs in kd_epochs.items():
-      c.stages[n].epochs = epochs
+      config_lib.rule(c, f'stages.{n}.epochs', epochs, "preset=quick: XTC quick's 9 KD epochs")
     # One FP32 epoch each at 5e-5 / 3e-5 left the 3-layer student at 24.7; at 5e-4 it is 82.5.
-    c.stages.fp32_stage1.lr = c.stages.fp32_stage2.lr = qlr
-  config_lib.smoke_epochs(c, args.preset, names, {})
+    for n in KD[:2]:
+      config_lib.rule(c, f'stages.{n}.lr', qlr, 'preset=quick: one FP32 epoch needs the '
+                      'quantized lr (3-layer STS-B: 24.7 at 5e-5, 82.5 at 5e-4)')
+  config_lib.smoke_epochs(c, args.preset, names)
   return c

@@ -11,13 +11,14 @@ ladder_epochs (epochs per rung, e.g. '2-4-12'; '' = `epochs` split evenly), augm
 data augmentation after the FP32 polish, for the quantized KD, which trains on the originals and
 `copies` copies of each, over the same number of steps: `epochs` count task-set passes; auto =
 on for a reduced student, except in smoke; true; false), copies (augmented copies per example).
+`--dry_run` prints the stages these arguments give, and which rule chose each value.
 """
 from bitbert_jax import config_lib
 from bitbert_jax.errors import BitbertError
 
 
 def _rungs(args, total_epochs):
-  """[(weight bits, W-E-A bits, epochs)] of the ladder; the last rung is `bits` itself."""
+  """[(weight bits, W-E-A bits, epochs, why)] of the ladder; the last rung is `bits` itself."""
   widths = [int(b) for b in args.ladder.split('-')]
   act = args.bits.split('-')[-1]
   if widths[-1] != int(args.bits.split('-')[0]):
@@ -28,67 +29,92 @@ def _rungs(args, total_epochs):
   if len(epochs) != len(widths):
     raise BitbertError(f'config argument ladder_epochs={args.ladder_epochs!r}: one number per '
                        f'rung of ladder={args.ladder!r}')
+  why = '' if args.ladder_epochs else (f"ladder_epochs='': {total_epochs:g} epochs split evenly "
+                                       f'over {len(widths)} rungs')
   bits = [f'{w}-{w}-{act}' for w in widths[:-1]] + [args.bits]
-  return list(zip(widths, bits, epochs))
+  return [(w, b, e, why) for w, b, e in zip(widths, bits, epochs)]
 
 
 def _switch(args, name):
-  """auto | true | false -> bool; auto = on for a reduced student (`layers` given), not smoke."""
-  if str(args[name]).lower() == 'auto':
-    return args.layers > 0 and args.preset != 'smoke'
-  return config_lib.switch(name, args[name], extra=['auto'])
+  """(on, why): auto | true | false -> bool; auto = on for a reduced student (`layers` given),
+  not in smoke; why: the reason, when auto decided."""
+  if str(args[name]).lower() != 'auto':
+    return config_lib.switch(name, args[name], extra=['auto']), ''
+  on = args.layers > 0 and args.preset != 'smoke'
+  reason = ('a reduced student (layers given)' if on else 'preset=smoke stays short'
+            if args.layers > 0 else 'a full-depth student (layers=0)')
+  return on, f'{name}=auto: {"on" if on else "off"} for {reason}'
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
                               layers=0, bits='1-1-8', fp32_kd='auto', epochs=0.0, ladder='',
                               ladder_epochs='', augment='auto', copies=8)
-  fp32_kd = _switch(args, 'fp32_kd')
-  augment = _switch(args, 'augment')
+  fp32_kd, fp32_why = _switch(args, 'fp32_kd')
+  augment, augment_why = _switch(args, 'augment')
   if args.copies < 1:
     raise BitbertError(f'config argument copies={args.copies}: at least 1 augmented copy')
   c = config_lib.base_config(args)
   # 9 epochs at 5e-4: STS-B 6L 95.3% of its teacher (3 epochs: 92.1%; docs/RESULTS.md).
-  epochs = args.epochs or {'quick': 9.0}.get(args.preset, 18.0)
-  c.optim.lr = 5e-5  # the teacher's fine-tuning (the KD stages set their own)
+  preset_epochs = {'quick': 9.0}.get(args.preset, 18.0)
+  epochs = args.epochs or preset_epochs
+  epochs_why = [] if args.epochs else [
+      f"epochs=0: the preset's {preset_epochs:g} task-set passes ({args.preset})"]
   # Quantized KD at 10x XTC's 5e-5: measured on MiniLM STS-B 6L, 3 epochs, 50.0 -> 78 Pearson
-  # (docs/RESULTS.md); BiT also trains its binary BERT at 5e-4.
-  qlr, attn_loss = 5e-4, 'mse'
-  if args.layers > 0:  # `layers` given: 1e-3 and KL attention, measured on STS-B 3L (RESULTS s10)
+  # (docs/RESULTS.md); BiT also trains its binary BERT at 5e-4. A reduced student (`layers`
+  # given) gains from 1e-3 and KL attention, measured on STS-B 3L (docs/RESULTS.md).
+  if args.layers > 0:
     qlr, attn_loss = 1e-3, 'kl'
+    kd_why = (f'layers={args.layers} given: a reduced student distils at 1e-3 with KL attention '
+              '(full depth: 5e-4, mse)')
+  else:
+    qlr, attn_loss = 5e-4, 'mse'
+    kd_why = 'layers=0: a full-depth student distils at 5e-4 with mse attention (reduced: 1e-3, kl)'
   data = 'augmented' if augment else 'task'
   # Augmentation (auto: a reduced student): STS-B 3L 72.95 -> 75.99 at the same 1616 steps
-  # (RESULTS s11). An augmented epoch is copies + 1 task epochs: keep `epochs`' step budget.
+  # (docs/RESULTS.md). An augmented epoch is copies + 1 task epochs: keep `epochs`' step budget.
   passes = 1.0 / (args.copies + 1) if augment else 1.0
-  c.stages.finetune = config_lib.stage('finetune', epochs=3.0)
+  if augment:
+    epochs_why.append(f'augmented data: / (copies + 1 = {args.copies + 1}), an augmented epoch '
+                      'being that many task-set passes')
+  c.stages.finetune = config_lib.stage('finetune', epochs=3.0)  # at config.optim.lr
   c.stages.reduce = config_lib.stage('reduce_layers', num_layers=args.layers)
   if augment:
-    c.stages.augment = config_lib.stage('augment', copies=args.copies, probability=0.4,
-                                        candidates=15, glove='')
+    c.stages.augment = config_lib.stage('augment', copies=args.copies)
   # A reduced student (a subset of the teacher's layers) needs KD before it is quantized: 2
   # epochs at 5e-4 take the 3-layer STS-B student to 82.6 (multi-stage's FP32 lr; docs/RESULTS.md).
   # It trains on the task data: augmented, its 2 epochs would be copies + 1 times longer.
-  c.stages.kd_fp32 = config_lib.stage('task_kd', losses='all', epochs=2.0, data='task', lr=5e-4)
-  c.stages.quantize = config_lib.stage('quantize', bits=args.bits)
-  # Warm-up: one task epoch (as a fraction of the stage when augmented: its epochs are longer).
-  warmup = min(0.5, 1.0 / epochs) if augment else 1.0
-  c.stages.kd_1bit = config_lib.stage('task_kd', losses='all', epochs=epochs * passes,
-                                      warmup=warmup, data=data, lr=qlr, attn_loss=attn_loss)
-  quantized = ['quantize', 'kd_1bit']
-  if args.ladder:
+  c.stages.kd_fp32 = config_lib.stage('task_kd', epochs=2.0, lr=5e-4)
+
+  def quantized_kd(name, stage_epochs, why, warmup, warmup_why=''):
+    c.stages[name] = config_lib.stage('task_kd', data=data)
+    config_lib.rule(c, f'stages.{name}.epochs', stage_epochs * passes, '; '.join(why))
+    config_lib.rule(c, f'stages.{name}.warmup', warmup, warmup_why)
+    config_lib.rule(c, f'stages.{name}.lr', qlr, kd_why)
+    config_lib.rule(c, f'stages.{name}.attn_loss', attn_loss, kd_why)
+
+  if not args.ladder:
+    c.stages.quantize = config_lib.stage('quantize', bits=args.bits)
+    # Warm-up: one task epoch (as a fraction of the stage when augmented: its epochs are longer).
+    warmup = min(0.5, 1.0 / epochs) if augment else 1.0
+    quantized_kd('kd_1bit', epochs, epochs_why, warmup,
+                 f'one task-set pass of {epochs:g} (at most half the stage)' if augment else '')
+    quantized = ['quantize', 'kd_1bit']
+  else:
     quantized = []
-    for width, bits, rung_epochs in _rungs(args, epochs):  # the ladder's total: as the 1-bit stage
+    for width, bits, rung_epochs, why in _rungs(args, epochs):  # in all: as the 1-bit stage
       kd = 'kd_1bit' if width == 1 else f'kd_{width}'
       c.stages[f'quantize_{width}'] = config_lib.stage('quantize', bits=bits)
       # warmup 10% of the rung: a 1-epoch warmup would be all of a 1-epoch rung (lr never decays)
-      c.stages[kd] = config_lib.stage('task_kd', losses='all', epochs=rung_epochs * passes,
-                                      warmup=0.1, data=data, lr=qlr, attn_loss=attn_loss)
+      quantized_kd(kd, rung_epochs, epochs_why + [why] if why else epochs_why, 0.1)
       quantized += [f'quantize_{width}', kd]
   names = (['finetune', 'reduce'] + (['kd_fp32'] if fp32_kd else []) +
            (['augment'] if augment else []) + quantized)
-  c.pipeline = ','.join(names)
+  config_lib.rule(c, 'pipeline', ','.join(names), '; '.join(w for w in (fp32_why, augment_why)
+                                                            if w))
   config_lib.apply_preset(c, args.preset)
   if args.preset == 'quick':  # the whole training set, XTC's batch: 35 min for STS-B 6L on 2 cores
-    c.task.max_train_examples, c.train.batch_size = -1, 32
-  config_lib.smoke_epochs(c, args.preset, names, {})
+    c.task.max_train_examples = -1
+    config_lib.rule(c, 'train.batch_size', 32, "preset=quick: XTC's batch 32")
+  config_lib.smoke_epochs(c, args.preset, names)
   return c

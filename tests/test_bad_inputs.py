@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from bitbert_jax import pipeline
+from bitbert_jax import data as data_lib
+from bitbert_jax import pipeline, validate
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
 import sample_data  # pylint: disable=g-bad-import-order
@@ -322,7 +323,7 @@ def test_the_base_configs_pass(env, tmp_path, name):
   """The cases fail because of what they change: unchanged, every input is accepted."""
   c = xtc(env) if name == 'xtc' else multistage(env)
   inputs = pipeline.prepare(c, str(tmp_path))
-  assert inputs.names == pipeline.pipeline_stages(c)
+  assert inputs.names == validate.stage_names(c)
 
 
 def cli(args, **env):

@@ -84,11 +84,12 @@ def test_export_refuses_centered_naming_the_field(tmp_path):
 
 
 def test_config_refuses_centered_with_packed_export():
-  from bitbert_jax import config_lib, validate
+  from bitbert_jax import config_lib
+  from bitbert_jax.distill import stage_config
   c = config_lib.base_config({})
   c.quant.binary_mode = 'centered'
   c.stages.q = config_lib.stage('quantize', bits='1-1-8')
   with pytest.raises(BitbertError, match='config.export.packed=False'):
-    validate._check_bits(c, '1-1-8', 'config.stages.q.bits')
+    stage_config.check_bits(c, '1-1-8', 'config.stages.q.bits')
   c.export.packed = False
-  validate._check_bits(c, '1-1-8', 'config.stages.q.bits')
+  stage_config.check_bits(c, '1-1-8', 'config.stages.q.bits')

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bitbert_jax.distill.stage_config import TRAINING_KINDS
 from helpers import assert_dev_metrics_are_the_packed_models
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
@@ -19,7 +20,6 @@ LAUNCH = os.path.join(REPO, 'launch')
 NOTEBOOK = os.path.join(LAUNCH, 'colab.ipynb')
 TPU_POD = os.path.join(LAUNCH, 'tpu_pod.sh')
 GPU_NODE = os.path.join(LAUNCH, 'gpu_node.sh')
-TRAINING_KINDS = ('finetune', 'task_kd', 'general_kd')
 
 
 def _code_cells(nb):

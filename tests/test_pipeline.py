@@ -1,12 +1,13 @@
 """End to end through the CLI's own `run`: the XTC pipeline on a tiny teacher and real MRPC."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from bitbert_jax import config_lib, pipeline
+from bitbert_jax import config_lib, pipeline, train, validate
 from bitbert_jax.data import get_task
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.main import run
@@ -44,6 +45,15 @@ def test_final_dev_metrics_are_the_packed_models(xtc_run, tmp_path):
   assert_dev_metrics_are_the_packed_models(
       workdir, results, get_task('mrpc'), os.path.join(config.task.glue_dir, 'MRPC', 'dev.tsv'),
       ['#1 String', '#2 String'], 'Quality', str(tmp_path))
+
+
+def test_the_runs_tokenizer_is_saved_and_exported(xtc_run, tiny_pretrained):
+  _, workdir, _ = xtc_run
+  saved = os.path.join(workdir, 'tokenizer', 'vocab.txt')
+  with open(saved, 'rb') as f, open(os.path.join(tiny_pretrained, 'vocab.txt'), 'rb') as g:
+    assert f.read() == g.read()
+  with open(saved, 'rb') as f, open(os.path.join(workdir, 'packed', 'vocab.txt'), 'rb') as g:
+    assert f.read() == g.read()
 
 
 def test_teacher_is_exported_for_transformers(xtc_run):
@@ -95,11 +105,11 @@ def test_unknown_stage_and_kind_are_refused():
   c = load_config('xtc', 'preset=smoke')
   c.pipeline = 'finetune,nosuch'
   with pytest.raises(BitbertError, match="'nosuch'.*defined: finetune"):
-    pipeline.pipeline_stages(c)
+    validate.stage_names(c)
   c = load_config('xtc', 'preset=smoke')
   c.stages.reduce.kind = 'shrink'
   with pytest.raises(BitbertError, match="kind='shrink'.*valid: finetune"):
-    pipeline.pipeline_stages(c)
+    validate.stage_names(c)
 
 
 @pytest.mark.parametrize('arg,needle', [('preset=fast', 'valid: smoke, quick, paper'),
@@ -129,7 +139,7 @@ def test_every_config_builds_and_names_known_stages():
   for name in ('finetune', 'xtc', 'multistage'):
     for preset in config_lib.PRESETS:
       c = load_config(name, f'preset={preset}')
-      assert pipeline.pipeline_stages(c)
+      assert validate.stage_names(c)
 
 
 def test_init_student_pretrained_copies_layers(tmp_path, tiny_pretrained, glue):
@@ -205,3 +215,38 @@ def test_kd_logs_signals_both_lrs_and_per_layer_terms(xtc_run):
   assert kd[-1]['signflip_stage/all'] >= kd[-1]['signflip_recent/all']
   fin = [r for r in rows if r['stage'] == 'finetune' and 'loss' in r]
   assert fin and not any(k.startswith('signflip') for k in fin[0])  # FP32: nothing to track
+
+
+def test_runner_hands_each_stages_record_to_the_next(tmp_path, tiny_pretrained, glue,
+                                                     monkeypatch):
+  """With a stub trainer: reduce copies finetune's teacher, augment's data is what the 1-bit
+  stage trains on, the copied layer maps its attention; a re-run reads the records back."""
+  calls = []
+
+  def stub(state, **kw):
+    calls.append(kw)
+    return state.replace(params=jax.tree.map(lambda x: x + 1, state.params)), None
+
+  monkeypatch.setattr(train, 'train', stub)
+  config = load_config('xtc', f'preset=smoke,pretrained={tiny_pretrained},layers=1,'
+                       'augment=true,copies=2')
+  config.task.glue_dir = glue
+  config.export.packed = False
+  results = run(config, str(tmp_path))
+  assert list(results['stages']) == ['finetune', 'reduce', 'augment', 'quantize', 'kd_1bit']
+  finetune, kd = calls
+  assert finetune['objective'].losses == ('label',) and finetune['teacher'] is None
+  assert len(kd['batches'].encoded) == 3 * config.task.max_train_examples  # 2 copies + original
+  assert kd['objective'].layer_map.attention == (1,)
+  teacher, _ = pipeline.load_stage_output(str(tmp_path / 'stages' / '00_finetune'))
+  reduced, _ = pipeline.load_stage_output(str(tmp_path / 'stages' / '01_reduce'))
+  jax.tree.map(np.testing.assert_array_equal, kd['teacher'].params, teacher.params)
+  jax.tree.map(np.testing.assert_array_equal, reduced.params['encoder']['layer_0'],
+               teacher.params['encoder']['layer_1'])
+  shutil.rmtree(tmp_path / 'stages' / '04_kd_1bit')
+  calls.clear()
+  run(config, str(tmp_path))  # the stages before it complete: their records come from disk
+  (again,) = calls
+  assert len(again['batches'].encoded) == len(kd['batches'].encoded)
+  assert again['objective'] == kd['objective']
+  jax.tree.map(np.testing.assert_array_equal, again['teacher'].params, teacher.params)

@@ -190,7 +190,7 @@ def test_the_runner_plans_the_steps_the_trainer_runs():
   names = [n for n in config.pipeline.split(',') if n]
   data = types.SimpleNamespace(train=list(range(64)), augmented=None, dev={})
   inputs = types.SimpleNamespace(names=names, data=data, teacher=None)
-  planned = pipeline._planned  # pylint: disable=protected-access
-  plan = {n: planned(config, inputs, n) for n in names}
+  planned = pipeline.planned(config, len(inputs.data.train))
+  plan = {n: planned(n) for n in names}
   assert plan == {'finetune': Planned('finetune', 8, 8), 'reduce': Planned('reduce_layers'),
                   'quantize': Planned('quantize'), 'kd_1bit': Planned('task_kd', 8, 8)}

@@ -113,7 +113,7 @@ def candidate_words(texts: Iterable[str]) -> set[str]:
   return {w.lower() for t in texts for w in split_words(t)[1]}
 
 
-def _check_settings(copies, probability, candidates, field):
+def check_settings(copies, probability, candidates, field):
   if not isinstance(copies, (int, np.integer)) or isinstance(copies, bool) or copies < 0:
     raise BitbertError(f'{field}.copies={copies!r}: need an int >= 0 (augmented copies per '
                        'example, 20 in TinyBERT)')
@@ -200,7 +200,7 @@ def augment_texts(texts: Sequence[str], tokenizer, mlm_fn: MlmFn | None,
   Returns:
     Per text, N + 1 strings: the original, then N augmented copies.
   """
-  _check_settings(copies, probability, candidates, field)
+  check_settings(copies, probability, candidates, field)
   parsed = [split_words(t) for t in texts]
   uniq = sorted({w for _, words in parsed for w in words})
   mlm = {}
@@ -481,9 +481,8 @@ def augmented_split(ctx, mlm_fn: MlmFn | None = None) -> tokenize_lib.EncodedSpl
   """
   field = f'config.stages.{ctx.name}'
   st = ctx.stage
-  copies, probability = st.get('copies', 20), st.get('probability', 0.4)
-  candidates, glove = st.get('candidates', 15), st.get('glove', '') or ''
-  _check_settings(copies, probability, candidates, field)
+  copies, probability, candidates, glove = st.copies, st.probability, st.candidates, st.glove
+  check_settings(copies, probability, candidates, field)
   raw = getattr(ctx.data, 'raw_train', None)
   if raw is None:
     raise BitbertError(f'{field}: augment needs the raw train texts (TaskData.raw_train); '

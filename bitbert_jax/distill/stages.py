@@ -1,9 +1,15 @@
-"""Stages: each is a train-state transform `stage(state, ctx) -> state`.
+"""Stages: each is a train-state transform `stage(state, ctx) -> (state, record)`.
 
-A stage reads its settings from `ctx.stage` (its config section) and the shared pieces (teacher,
-task data, mesh, workdir) from the context; it never reaches into the pipeline around it.
+A stage reads its section (`ctx.stage`, every field of its kind) and the shared pieces (the
+trainer, teacher, task data, mesh, its workdir) from `ctx`, a read-only StageContext. What it
+measured or made for later stages (dev scores, the teacher layers a student copies, augmented
+data, the fine-tuned teacher) it returns in a StageRecord; the runner folds the record into the
+next stage's context (`fold`). A stage's config side (fields, defaults, checks) is
+`stage_config.KINDS[kind]`; its run side is `STAGES[kind]`.
 """
 import dataclasses
+import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -15,74 +21,90 @@ from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
 from bitbert_jax.distill import layer_map as layer_map_lib
 from bitbert_jax.distill import objective as objective_lib
+from bitbert_jax.distill import stage_config
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
-from bitbert_jax.quant.policy import QuantPolicy, policy_from_name
 from bitbert_jax.train_state import adapt_params, init_variables, new_state, with_policy
 
-LOSS_SETS = {'stage1': ('attn', 'hidden'), 'stage2': ('pred',), 'all': ('pred', 'attn', 'hidden'),
-             'label': ('label',)}
 
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class StageContext:
-  """What a stage may use. `data` is a TaskData (train/dev splits, tokenizer) or None."""
-  name: str
-  stage: Any  # this stage's ConfigDict
-  config: Any  # the whole run's ConfigDict
-  workdir: str
+  """What a stage may use, read-only. `train` is the trainer (`train.train`'s signature);
+  `data` a TaskData (train/dev splits, tokenizer) or None."""
+  config: Any  # the whole run's config (a FrozenConfigDict)
   mesh: Any
   writer: Any
+  train: Callable
+  name: str = ''
+  stage: Any = None  # this stage's section (a FrozenConfigDict: every field of its kind)
+  workdir: str = ''  # this stage's directory
   task: Any = None
   data: Any = None
   teacher: objective_lib.Teacher | None = None
   pretrained: objective_lib.Teacher | None = None
   corpus: Callable | None = None  # corpus(batch_size, epoch, repeat) -> iterator of batches
+  tokenizer_dir: str | None = None  # the run's tokenizer files (the teacher's HF export)
   student_layers: tuple[int, ...] | None = None  # teacher layers the student was built from
-  results: dict = dataclasses.field(default_factory=dict)  # a stage's dev metrics go here
+  augmented: Any = None  # EncodedSplit of the augment stage before, if any
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+  """What a stage measured or made: `dev` (its kept parameters' dev metrics) is reported; the
+  CARRIED fields, when set, replace the context's for the stages after it."""
+  dev: dict | None = None
+  student_layers: tuple[int, ...] | None = None
+  augmented: Any = None
+  teacher: objective_lib.Teacher | None = None
+
+
+CARRIED = ('student_layers', 'augmented', 'teacher')
+
+
+def fold(ctx, record):
+  """The context for the stages after one that returned `record`."""
+  given = {k: getattr(record, k) for k in CARRIED if getattr(record, k) is not None}
+  return dataclasses.replace(ctx, **given)
 
 
 def settings(ctx):
-  """Training settings: the stage's own fields over the run's optim/train sections."""
-  s, c = ctx.stage, ctx.config
-  get = lambda k, default: s.get(k, default) if s.get(k, None) is not None else default
-  batch_size = get('batch_size', c.train.batch_size)
-  eval_every = get('eval_every', c.train.eval_every)
-  task_train = getattr(getattr(ctx, 'data', None), 'train', None)
-  if not eval_every and s.get('data', 'task') == 'augmented' and task_train is not None:
-    # an augmented epoch is N + 1 task epochs: evaluate (and keep the best) once per task epoch
-    eval_every = max(1, batching.num_batches(task_train, batch_size, drop_remainder=True))
+  """Training settings: the stage's own fields over the run's (`stage_config.resolve`)."""
+  c = ctx.config
+  task_train = getattr(ctx.data, 'train', None)
+  per_epoch = None if task_train is None else (
+      lambda b: batching.num_batches(task_train, b, drop_remainder=True))
+  v = {k: r.value for k, r in stage_config.resolve(c, ctx.name, per_epoch).items()}
   return train_lib.Settings(
-      lr=get('lr', c.optim.lr), epochs=get('epochs', 1.0),
-      batch_size=batch_size, warmup=get('warmup', c.optim.warmup),
-      float_lr=get('float_lr', c.optim.get('float_lr', 0.0)),
-      float_warmup=get('float_warmup', c.optim.get('float_warmup')),
-      warmin=get('warmin', c.quant.get('warmin', 0.0)),
+      lr=v['lr'], epochs=v['epochs'], batch_size=v['batch_size'], warmup=v['warmup'],
+      float_lr=v['float_lr'], float_warmup=v['float_warmup'], warmin=v['warmin'],
       weight_decay=c.optim.weight_decay, clip_norm=c.optim.clip_norm,
-      max_steps=get('max_steps', -1), log_every=c.train.log_every,
-      eval_every=eval_every, keep_best=get('keep_best', True),
-      checkpoint_every_steps=c.train.checkpoint_every_steps,
+      max_steps=v['max_steps'], log_every=c.train.log_every, eval_every=v['eval_every'],
+      keep_best=v['keep_best'], checkpoint_every_steps=c.train.checkpoint_every_steps,
       checkpoint_every_secs=c.train.checkpoint_every_secs,
       keep_checkpoints=c.train.keep_checkpoints, skip_nonfinite=c.train.skip_nonfinite,
       grad_accum_steps=c.train.grad_accum_steps, report_memory=c.train.report_memory,
       field=f'config.stages.{ctx.name}')
 
 
-def _task_batches(ctx, batch_size):
-  train = ctx.data.augmented if ctx.stage.get('data', 'task') == 'augmented' else ctx.data.train
+def _task_batches(ctx):
+  train = ctx.augmented if ctx.stage.data == 'augmented' else ctx.data.train
   if train is None:
     raise BitbertError(f'config.stages.{ctx.name}.data=augmented but no augment stage ran before')
-  return batching.TaskBatches(train, batch_size, ctx.config.seed)
+  return batching.TaskBatches(train, settings(ctx).batch_size, ctx.config.seed)
 
 
-def _run(state, ctx, objective, batches, teacher):
-  state, evals = train_lib.train(
-      state, name=ctx.name, objective=objective, settings=settings(ctx), batches=batches,
-      mesh=ctx.mesh, workdir=ctx.workdir, writer=ctx.writer, task=ctx.task,
-      dev_sets=ctx.data.dev if ctx.data else None, teacher=teacher)
-  if evals is not None:
-    ctx.results.update(evals)
-  return state
+def _train(state, ctx, objective, batches, teacher):
+  """(state, dev metrics or None) from the context's trainer."""
+  return ctx.train(state, name=ctx.name, objective=objective, settings=settings(ctx),
+                   batches=batches, mesh=ctx.mesh, workdir=ctx.workdir, writer=ctx.writer,
+                   task=ctx.task, dev_sets=ctx.data.dev if ctx.data else None, teacher=teacher)
+
+
+def _teacher(ctx):
+  if ctx.teacher is None:
+    raise BitbertError(f'stage {ctx.name!r} needs a fine-tuned teacher: set config.teacher to a '
+                       'checkpoint dir, or put a finetune stage before it')
+  return ctx.teacher
 
 
 def attach_head(state, task, rng_seed=0):
@@ -99,71 +121,78 @@ def attach_head(state, task, rng_seed=0):
 
 
 def finetune(state, ctx):
-  """Stage 0: the teacher, fine-tuned on gold labels from a pre-trained checkpoint."""
+  """Stage 0: the teacher, fine-tuned on gold labels from the pre-trained model's state; it is
+  also written as a Hugging Face checkpoint under the stage's `hf/`."""
   state = attach_head(state, ctx.task, ctx.config.seed)
-  return _run(state, ctx, objective_lib.Objective(('label',)), _task_batches(ctx, settings(ctx).batch_size),
-              None)
+  state, dev = _train(state, ctx, objective_lib.Objective(('label',)), _task_batches(ctx), None)
+  return state, _teacher_record(state, ctx, dev)
 
 
-def _student_config(ctx, base):
-  s = ctx.stage
-  hidden = s.get('hidden_size') or base.hidden_size
-  # Default: half the teacher's depth at its width, so that the uniform layer map applies.
-  depth = s.get('num_layers') or max(1, base.num_hidden_layers // 2)
-  kw = dict(num_hidden_layers=depth, hidden_size=hidden,
-            intermediate_size=s.get('intermediate_size') or 4 * hidden, num_labels=0,
-            label_names=(), dtype=ctx.config.model.dtype, remat=ctx.config.model.remat)
-  return base.replace(**kw)
+def _teacher_record(state, ctx, dev):
+  teacher = objective_lib.Teacher(state.model_config, jax.device_get(state.params))
+  if jax.process_index() == 0:
+    _export_hf(os.path.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
+  return StageRecord(dev=dev, teacher=teacher)
 
 
-def _copied_student(ctx, source, num_layers, keep_head):
-  """A student copying the stage's `layers` of `source` (a Teacher; empty = the XTC default for
-  `num_layers`), with its embeddings and pooler, and its head if `keep_head`."""
-  n = source.config.num_hidden_layers
-  layers = list(ctx.stage.get('layers') or []) or layer_map_lib.xtc_default_layers(n, num_layers)
-  layer_map_lib.check_layer_list(layers, n, f'config.stages.{ctx.name}.layers')
-  ctx.student_layers = tuple(layers)
-  params = {k: v for k, v in jax.tree.map(np.asarray, dict(source.params)).items()
+def _export_hf(out_dir, teacher, tokenizer_dir):
+  """The teacher for transformers (once: an existing export is kept)."""
+  from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out_dir):
+    return
+  parent, stale = os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-'
+  os.makedirs(parent, exist_ok=True)
+  for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
+    if name.startswith(stale):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, out_dir,
+                        tokenizer_dir=tokenizer_dir)
+
+
+def _copied_student(state, ctx, num_layers, keep_head, source_field):
+  """A student copying the stage's `layers` of the model in `state` (empty = the XTC default
+  for `num_layers`, 0: all), with its embeddings and pooler, and its head if `keep_head`."""
+  n = state.model_config.num_hidden_layers
+  layers = stage_config.copied_layers(ctx.stage, f'config.stages.{ctx.name}', num_layers, n,
+                                      source_field)
+  params = {k: v for k, v in jax.tree.map(np.asarray, dict(state.params)).items()
             if keep_head or k != 'classifier'}
-  params['encoder'] = {f'layer_{i}': source.params['encoder'][f'layer_{l}']
+  params['encoder'] = {f'layer_{i}': state.params['encoder'][f'layer_{l}']
                        for i, l in enumerate(layers)}
-  cfg = source.config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
-                              remat=ctx.config.model.remat)
+  cfg = state.model_config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
+                                   remat=ctx.config.model.remat)
   if not keep_head:
     cfg = cfg.replace(num_labels=0, label_names=())
-  return new_state(cfg, params, rng=jax.random.PRNGKey(ctx.config.seed))
+  student = new_state(cfg, params, rng=jax.random.PRNGKey(ctx.config.seed))
+  return student, StageRecord(student_layers=tuple(layers))
 
 
 def init_student(state, ctx):
-  """General KD's starting point: a random student created already sharded (TinyBERT), or with
-  `init: pretrained` a copy of some of config.pretrained's layers at its width, headless like the
-  random one (a short general KD then starts from a working model instead of noise)."""
-  del state
-  base = ctx.pretrained.config
-  cfg = _student_config(ctx, base)
-  if cfg.num_attention_heads != base.num_attention_heads:
-    raise BitbertError(f'config.stages.{ctx.name}: the student needs the teacher\'s '
-                       f'{base.num_attention_heads} attention heads for the attention loss')
-  if ctx.stage.get('init', 'random') == 'pretrained':
-    return _copied_student(ctx, ctx.pretrained, cfg.num_hidden_layers, keep_head=False)
+  """General KD's starting point, derived from the pre-trained model's state: a random student
+  of `stage_config.student_config` created already sharded (TinyBERT), or with `init:
+  pretrained` a copy of some of its layers at its width, headless like the random one (a short
+  general KD then starts from a working model instead of noise)."""
+  cfg = stage_config.student_config(ctx.stage, f'config.stages.{ctx.name}', state.model_config,
+                                    ctx.config.model)
+  if ctx.stage.init == 'pretrained':
+    return _copied_student(state, ctx, cfg.num_hidden_layers, False, 'config.pretrained')
   model = BertModel(cfg)
   rng = jax.random.PRNGKey(ctx.config.seed)
   abstract = jax.eval_shape(lambda r: init_variables(model, r)['params'], rng)
   shardings = sharding.param_shardings(ctx.mesh, model, abstract)
   params = jax.jit(lambda r: init_variables(model, r)['params'], out_shardings=shardings)(rng)
-  return new_state(cfg, params, rng=rng)
+  return new_state(cfg, params, rng=rng), StageRecord()
 
 
 def reduce_layers(state, ctx):
-  """XTC initialisation: the student copies a list of the task teacher's layers, its embeddings,
-  pooler and head; `layers` empty = the XTC default for `num_layers`."""
-  del state
-  n = ctx.teacher.config.num_hidden_layers
-  return _copied_student(ctx, ctx.teacher, ctx.stage.get('num_layers') or n, keep_head=True)
+  """XTC initialisation, derived from the task teacher's state: the student copies a list of
+  its layers, its embeddings, pooler and head; `layers` empty = the XTC default for
+  `num_layers` (0: all)."""
+  return _copied_student(state, ctx, ctx.stage.num_layers, True, 'the fine-tuned teacher')
 
 
 def _layer_map(ctx, student_cfg, teacher_cfg):
-  layers = ctx.stage.get('layers') or ctx.student_layers
+  layers = ctx.stage.layers or ctx.student_layers
   if layers:
     return layer_map_lib.from_layers(list(layers), teacher_cfg.num_hidden_layers)
   return layer_map_lib.uniform(teacher_cfg.num_hidden_layers, student_cfg.num_hidden_layers)
@@ -186,48 +215,40 @@ def general_kd(state, ctx):
   teacher = ctx.pretrained
   if state.model_config.num_attention_heads != teacher.config.num_attention_heads:
     raise BitbertError(f'config.stages.{ctx.name}: student and teacher need equal head counts')
-  objective = objective_lib.Objective(LOSS_SETS['stage1'],
-                                  _layer_map(ctx, state.model_config, teacher.config))
+  objective = objective_lib.Objective(stage_config.LOSS_SETS['stage1'],
+                                      _layer_map(ctx, state.model_config, teacher.config))
   state = _with_projection(state, teacher.config, ctx.config.seed)
   sets = settings(ctx)
   batches = batching.StreamBatches(
       lambda epoch, repeat: ctx.corpus(sets.batch_size, epoch, repeat),
-      ctx.stage.get('steps_per_epoch') or 1000, sets.batch_size,
-      name=getattr(ctx.corpus, 'name', 'corpus'), field=sets.field,
-      wrap=ctx.stage.get('wrap_corpus', True))
+      ctx.stage.steps_per_epoch, sets.batch_size, name=getattr(ctx.corpus, 'name', 'corpus'),
+      field=sets.field, wrap=ctx.stage.wrap_corpus)
   if not sets.epochs and sets.max_steps <= 0:
     raise BitbertError(f'config.stages.{ctx.name}: give epochs or max_steps')
-  state = _run(state, ctx, objective, batches, teacher)
-  return state.replace(aux_params={})  # the projection is discarded after distillation
+  state, dev = _train(state, ctx, objective, batches, teacher)
+  return state.replace(aux_params={}), StageRecord(dev=dev)  # the projection is discarded
 
 
 def task_kd(state, ctx):
   """Task distillation from the fine-tuned teacher: losses 'stage1', 'stage2' or 'all'."""
-  which = ctx.stage.get('losses', 'all')
-  if which not in LOSS_SETS or which == 'label':
-    raise BitbertError(f'config.stages.{ctx.name}.losses={which!r}; valid: stage1, stage2, all')
+  teacher = _teacher(ctx)
   state = attach_head(state, ctx.task, ctx.config.seed)
   st = ctx.stage
-  weights = tuple((k, float(st.get(f'{k}_weight', 1.0))) for k in ('pred', 'attn', 'hidden'))
-  objective = objective_lib.Objective(LOSS_SETS[which],
-                                  _layer_map(ctx, state.model_config, ctx.teacher.config),
-                                  st.get('temperature', 1.0), weights, st.get('attn_loss', 'mse'))
+  weights = tuple((k, float(st[f'{k}_weight'])) for k in ('pred', 'attn', 'hidden'))
+  objective = objective_lib.Objective(stage_config.LOSS_SETS[st.losses],
+                                      _layer_map(ctx, state.model_config, teacher.config),
+                                      st.temperature, weights, st.attn_loss)
   if 'hidden' in objective.losses:
-    state = _with_projection(state, ctx.teacher.config, ctx.config.seed)
-  if which == 'stage1' and ctx.stage.get('keep_best') is None:
-    ctx.stage.keep_best = False  # intermediate losses say nothing about dev accuracy
-  state = _run(state, ctx, objective, _task_batches(ctx, settings(ctx).batch_size), ctx.teacher)
-  return state.replace(aux_params={})
+    state = _with_projection(state, teacher.config, ctx.config.seed)
+  state, dev = _train(state, ctx, objective, _task_batches(ctx), teacher)
+  return state.replace(aux_params={}), StageRecord(dev=dev)
 
 
 def quantize(state, ctx):
   """Switches the quantization policy (e.g. FP32 -> 2-bit -> 1-bit); latent weights carry over."""
-  q = ctx.config.quant
-  policy = policy_from_name(ctx.stage.bits, weight_groups=q.weight_groups,
-                            ffn_output_bits=q.ffn_output_bits or None,
-                            act_mode=q.act_mode or None,
-                            binary_mode=q.get('binary_mode', 'bwn'))
-  return with_policy(state, policy, ctx.data.sample_batch() if ctx.data else None)
+  policy = stage_config.policy(ctx.stage.bits, ctx.config.quant)
+  state = with_policy(state, policy, ctx.data.sample_batch() if ctx.data else None)
+  return state, StageRecord()
 
 
 def split(state, ctx):
@@ -235,17 +256,62 @@ def split(state, ctx):
   del ctx
   from bitbert_jax import split as split_lib  # pylint: disable=g-import-not-at-top
   params, policy = split_lib.split_params(jax.device_get(state.params), state.policy)
-  return state.replace(params=params, policy=policy)
+  return state.replace(params=params, policy=policy), StageRecord()
 
 
 def augment(state, ctx):
-  """Builds the augmented task set (cached in the workdir); the state passes through."""
+  """Builds the augmented task set (cached in the stage's workdir); the state passes through."""
   from bitbert_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
-  ctx.data.augmented = augment_lib.augmented_split(ctx)
-  return state
+  return state, StageRecord(augmented=augment_lib.augmented_split(ctx))
 
 
-STAGES = {'finetune': finetune, 'init_student': init_student, 'reduce_layers': reduce_layers,
-          'general_kd': general_kd, 'task_kd': task_kd, 'quantize': quantize, 'split': split,
-          'augment': augment}
-TRAINING_STAGES = ('finetune', 'general_kd', 'task_kd')
+# How the runner drives each kind.
+
+
+def _from_pretrained(state, ctx):
+  """The pre-trained model's state: what finetune and init_student start from."""
+  del state
+  if ctx.pretrained is None:
+    raise BitbertError(f'stage {ctx.name!r} starts from config.pretrained, which is not loaded')
+  return new_state(ctx.pretrained.config, ctx.pretrained.params)
+
+
+def _from_teacher(state, ctx):
+  """The fine-tuned teacher's state: what reduce_layers starts from."""
+  del state
+  teacher = _teacher(ctx)
+  return new_state(teacher.config, teacher.params)
+
+
+def _resume(state, ctx, info):
+  """The record of a completed stage, from its stage.json."""
+  del state, ctx
+  layers = info.get('student_layers')
+  return StageRecord(dev=info.get('dev'), student_layers=tuple(layers) if layers else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A kind's run side. run(state, ctx) -> (state, record); start(state, ctx): the state run
+  receives (default: the previous stage's); resume(state, ctx, info) -> the record of a stage
+  completed earlier (loaded state and stage.json); skip(ctx): why it is skipped, or None."""
+  run: Callable
+  start: Callable = lambda state, ctx: state
+  resume: Callable = _resume
+  skip: Callable = lambda ctx: None
+
+
+STAGES = {
+    'finetune': Stage(finetune, start=_from_pretrained,
+                      resume=lambda state, ctx, info: _teacher_record(state, ctx,
+                                                                      info.get('dev')),
+                      skip=lambda ctx: 'config.teacher is set' if ctx.config.teacher else None),
+    'init_student': Stage(init_student, start=_from_pretrained),
+    'reduce_layers': Stage(reduce_layers, start=_from_teacher),
+    'general_kd': Stage(general_kd),
+    'task_kd': Stage(task_kd),
+    'quantize': Stage(quantize),
+    'split': Stage(split),
+    # Its product is data, not parameters: a completed augment stage runs again (a cache hit).
+    'augment': Stage(augment, resume=lambda state, ctx, info: augment(state, ctx)[1]),
+}
