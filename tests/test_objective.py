@@ -54,13 +54,13 @@ def test_kl_attention_and_temperature_reach_the_loss():
   assert kl['hidden'] == mse['hidden']
 
 
-def test_stage_fields_build_the_objective(monkeypatch):
+def test_stage_fields_build_the_objective():
   """A task_kd stage's losses, weights, attn_loss and temperature fields make the loss it trains."""
   import types  # pylint: disable=g-import-not-at-top
   from bitbert_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   from bitbert_jax.data import get_task  # pylint: disable=g-import-not-at-top
-  from bitbert_jax.distill import stages  # pylint: disable=g-import-not-at-top
+  from bitbert_jax.distill import stage_config, stages  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from bitbert_jax.train_state import new_state  # pylint: disable=g-import-not-at-top
   from helpers import tiny_split  # pylint: disable=g-import-not-at-top
   student, teacher = init_params(CFG, rng=jax.random.PRNGKey(1)), init_params(CFG)
@@ -68,11 +68,16 @@ def test_stage_fields_build_the_objective(monkeypatch):
   def stage_loss(**fields):
     """The loss (and its terms) of the objective the stage hands to the trainer."""
     handed = {}
-    monkeypatch.setattr(train, 'train', lambda state, **kw: (handed.update(kw), (state, None))[1])
+
+    def trainer(state, **kw):
+      handed.update(kw)
+      return state, None
+    config = config_lib.base_config({})
+    config.stages = ml_collections.ConfigDict({'kd': config_lib.stage('task_kd', **fields)})
     ctx = stages.StageContext(
-        name='kd', stage=config_lib.stage('task_kd', **fields), config=config_lib.base_config({}),
-        workdir='', mesh=None, writer=None, task=get_task('mnli'),
-        teacher=objective_lib.Teacher(CFG, teacher),
+        config=ml_collections.FrozenConfigDict(config), mesh=None, writer=None, train=trainer,
+        name='kd', stage=ml_collections.FrozenConfigDict(stage_config.section(config.stages.kd)),
+        task=get_task('mnli'), teacher=objective_lib.Teacher(CFG, teacher),
         data=types.SimpleNamespace(train=tiny_split(), dev=None, augmented=None))
     stages.task_kd(new_state(CFG, student, rng=jax.random.PRNGKey(2)), ctx)
     fn = objective_lib.make_loss_fn(BertModel(CFG), BertModel(CFG), handed['objective'], False)

@@ -10,6 +10,7 @@ import pytest
 
 from bitbert_jax import config_lib, train
 from bitbert_jax.data import get_task, load_tokenizer
+from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.distill import stage_config, stages
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig, init_params
@@ -46,9 +47,9 @@ def shared(minilm, tmp_path_factory):
                   raw_train=raw)
   glove = tmp_path_factory.mktemp('glove') / 'glove.txt'
   glove.write_text('praised 1 0\nlauded 0.9 0.1\nmarkets 0 1\nstocks 0.1 0.9\n')
-  pretrained = train.Teacher(PRETRAINED, init_params(PRETRAINED, rng=jax.random.PRNGKey(1)))
+  pretrained = objective_lib.Teacher(PRETRAINED, init_params(PRETRAINED, rng=jax.random.PRNGKey(1)))
   head = PRETRAINED.replace(num_labels=2, label_names=('not_equivalent', 'equivalent'))
-  teacher = train.Teacher(head, init_params(head, rng=jax.random.PRNGKey(2)))
+  teacher = objective_lib.Teacher(head, init_params(head, rng=jax.random.PRNGKey(2)))
   return dict(task=task, data=data, glove=str(glove), pretrained=pretrained, teacher=teacher,
               minilm=minilm)
 
@@ -238,7 +239,7 @@ def test_fold_hands_on_the_record_and_keeps_the_rest(shared, tmp_path):
   ctx = dataclasses.replace(ctx, student_layers=(0,))
   same = stages.fold(ctx, stages.StageRecord(dev=DEV))
   assert same == ctx  # dev is reported, not handed on
-  teacher = train.Teacher(PRETRAINED, {})
+  teacher = objective_lib.Teacher(PRETRAINED, {})
   new = stages.fold(ctx, stages.StageRecord(student_layers=(1,), teacher=teacher))
   assert new.student_layers == (1,) and new.teacher is teacher
   assert new.pretrained is ctx.pretrained and ctx.student_layers == (0,)

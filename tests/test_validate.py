@@ -9,7 +9,7 @@ from bitbert_jax import config_lib, validate
 from bitbert_jax.distill import stage_config
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertConfig
-from helpers import load_config  # pylint: disable=g-bad-import-order
+from helpers import ROOT, load_config  # pylint: disable=g-bad-import-order
 
 BASE = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=32)
@@ -17,13 +17,13 @@ BASE = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attent
 
 def xtc(arg='preset=smoke'):
   c = load_config('xtc', arg)
-  c.task.glue_dir = 'sample'  # the checks look for the folder, never read it
+  c.task.glue_dir = ROOT  # the checks look for the folder, never read it
   return c
 
 
 def multistage(arg='preset=smoke'):
   c = load_config('multistage', arg)
-  c.task.glue_dir = 'sample'
+  c.task.glue_dir = ROOT
   return c
 
 
