@@ -1,4 +1,4 @@
-"""Pipeline A (TinyBERT/BinaryBERT lineage), the left side of the seed figure:
+"""Pipeline A (TinyBERT/BinaryBERT lineage): general KD on a corpus, task KD, ternary, splitting, 1-bit.
 
   finetune (teacher) -> init_student -> general KD -> Stage-I -> Stage-II (FP32)
   -> 2-bit Stage-I -> Stage-II -> weight splitting -> 1-bit Stage-I -> Stage-II
