@@ -28,6 +28,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-host (jax.distributed.initialize's names): the same command on every host, its own id.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0; unset: '
+                                   'one process, or what a TPU pod / SLURM / MPI launch sets')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_processes-1.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300, 'Seconds for all to join.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
+                                  'A process silent this long stops all the others.')
 
 
 def run(config, workdir):
@@ -46,8 +54,6 @@ def run(config, workdir):
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('TPU_WORKER_HOSTNAMES'):
-    jax.distributed.initialize()  # a pod launch: every host runs this same command
   validate.validate_config(config, jax.device_count())
   with train.preemptible(), workdir_lib.Claim(workdir, jax.process_index() == 0) as claim:
     inputs = pipeline.prepare(config, workdir)
@@ -79,13 +85,15 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import distributed, train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     config.get('pipeline')  # a config file that failed to load reports it on first use
   except OSError as e:
     _fail(f'--config: {e}')
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _INIT_TIMEOUT.value, _HEARTBEAT.value)  # before any array or handler
     with train.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
       results = run(config, _WORKDIR.value)
   except train.Preempted as e:
