@@ -84,7 +84,8 @@ if [[ -z $PORT ]]; then
   if [[ $DRY_RUN == 1 ]]; then
     PORT=PORT
   else  # a port the kernel just handed out; free again when the coordinator binds it
-    PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    PORT=$("$(command -v python3 || echo "$PYTHON")" -c \
+      'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   fi
 fi
 ENV=()
