@@ -6,12 +6,14 @@ of `jax.distributed.initialize`; on a Cloud TPU pod (JAX_COORDINATOR_ADDRESS or
 TPU_WORKER_HOSTNAMES set), an `srun` with several tasks, or an `mpirun`, JAX reads them from the
 environment itself. Without either, the run is one process and nothing happens here.
 """
+import functools
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+import traceback
 
 from bitbert_jax.errors import BitbertError
 
@@ -20,6 +22,7 @@ log = logging.getLogger('bitbert_jax')
 INITIALIZATION_TIMEOUT = 300  # s; jax.distributed.initialize's default
 HEARTBEAT_TIMEOUT = 100  # s; a process silent this long stops every other (JAX's default)
 EX_USAGE = 2
+_heartbeat_timeout = HEARTBEAT_TIMEOUT  # this run's, once initialized
 
 
 def auto_detected():
@@ -102,6 +105,8 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
   threading.Thread(target=_watchdog, daemon=True, name='bitbert-join-watchdog',
                    args=(done, address, num_processes, process_id,
                          initialization_timeout)).start()
+  global _heartbeat_timeout
+  _heartbeat_timeout = heartbeat_timeout_seconds
   try:
     jax.distributed.initialize(**explicit, initialization_timeout=initialization_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
@@ -145,3 +150,51 @@ def _reachable(host, port):
       return True
   except OSError:
     return False
+
+
+def exits_together(main):
+  """`main(argv)`, but a multi-process run that fails leaves without leaving a peer waiting.
+
+  When every process fails with the same status (a bad input, preemption), they meet at a
+  barrier and exit normally. A process that fails alone waits for the others as long as JAX
+  waits for a silent process (--heartbeat_timeout_seconds), then leaves at once (os._exit): its
+  heartbeats stop, and JAX stops the others, which would otherwise wait in their next
+  collective for it (and it, at exit, for them).
+  """
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except SystemExit as e:
+      status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+      if status == 0 or not _several_processes():
+        raise
+    except BaseException:  # pylint: disable=broad-except
+      if not _several_processes():
+        raise
+      traceback.print_exc()
+      status = 1
+    _leave(status)
+
+  return wrapped
+
+
+def _several_processes():
+  jax = sys.modules.get('jax')
+  return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _leave(status):
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  try:  # the coordination service's barrier: no collective, so a peer stuck in one is no matter
+    client.wait_at_barrier(f'bitbert_exit_{status}', _heartbeat_timeout * 1000)
+  except Exception:  # pylint: disable=broad-except
+    print(f'process {distributed.global_state.process_id}: stopping alone (status {status}); '
+          'the other processes stop when JAX notices (--heartbeat_timeout_seconds)',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    logging.shutdown()
+    os._exit(status)
+  sys.exit(status)

@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bitbert_jax import distributed
 from bitbert_jax.errors import BitbertError
 
 EX_USAGE, EX_TEMPFAIL = 2, 75
@@ -85,7 +86,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from bitbert_jax import distributed, train  # pylint: disable=g-import-not-at-top
+  from bitbert_jax import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   try:
     config.get('pipeline')  # a config file that failed to load reports it on first use
@@ -131,4 +132,4 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(distributed.exits_together(main), flags_parser=parse_flags)

@@ -137,6 +137,64 @@ def test_one_process_and_no_flags_start_nothing(monkeypatch):
   assert not jax.distributed.is_initialized()
 
 
+def _processes(tmp_path, per_process_flags, timeout=300):
+  """Runs one process per flag list (2 CPU devices each) as one multi-host run; returns
+  [(status, stderr, seconds)] in process order. All are killed if one outlives `timeout`."""
+  port, n = _free_port(), len(per_process_flags)
+  env = dict(_env(), JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  procs, start = [], time.monotonic()
+  for i, extra in enumerate(per_process_flags):
+    err = open(tmp_path / f'process_{i}.err', 'w')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'bitbert_jax.main', '--config=configs/xtc.py:task=mrpc,preset=smoke',
+         f'--workdir={tmp_path / "run"}', f'--coordinator_address=127.0.0.1:{port}',
+         f'--num_processes={n}', f'--process_id={i}', '--initialization_timeout=120',
+         f'--heartbeat_timeout_seconds={HEARTBEAT}', *extra],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err))
+  ended = [None] * n
+  try:
+    while None in ended:
+      for i, p in enumerate(procs):
+        if ended[i] is None and p.poll() is not None:
+          ended[i] = time.monotonic() - start
+      if time.monotonic() - start > timeout:
+        pytest.fail(f'processes still running after {timeout} s')
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [(p.returncode, (tmp_path / f'process_{i}.err').read_text(), ended[i])
+          for i, p in enumerate(procs)]
+
+
+def test_an_error_on_every_process_exits_2_on_every_process(tmp_path, glue):
+  """A bad input all processes see: each says so in one line and exits 2, none aborts."""
+  bad = ['--config.train.batch_size=7', f'--config.task.glue_dir={glue}']
+  (s0, e0, _), (s1, e1, _) = _processes(tmp_path, [bad, bad])
+  for status, err in ((s0, e0), (s1, e1)):
+    assert status == 2, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
+        'error: config.train.batch_size=7 is not divisible by the data-parallel mesh size 4'), \
+        err[-3000:]
+    assert 'stopping alone' not in err
+
+
+def test_an_error_on_one_process_stops_the_others(tmp_path, glue):
+  """A bad input only process 1 sees (its GLUE copy is missing): it exits 2 after waiting one
+  heartbeat timeout for the others; JAX then stops process 0, naming process 1, instead of
+  process 0 waiting in its next collective for ever."""
+  good = [f'--config.task.glue_dir={glue}']
+  missing = [f'--config.task.glue_dir={tmp_path / "no_glue"}']
+  (s0, e0, t0), (s1, e1, t1) = _processes(tmp_path, [good, missing])
+  assert s1 == 2, e1[-3000:]
+  assert 'no_glue' in e1 and 'process 1: stopping alone (status 2)' in e1, e1[-3000:]
+  assert s0 not in (0, 2), e0[-3000:]  # aborted by JAX
+  assert 'Task 1 heartbeat timeout' in e0 or 'tasks are unhealthy' in e0, e0[-3000:]
+  assert t0 - t1 < 3 * HEARTBEAT + 30, (t0, t1)
+
+
 # --- the harness: local processes through the launcher -------------------------------------
 
 class Run:
