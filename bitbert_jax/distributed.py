@@ -46,7 +46,8 @@ def _int_env(name):
     return 0
 
 
-def check(coordinator_address, num_processes, process_id, initialization_timeout=300,
+def check(coordinator_address, num_processes, process_id,
+          initialization_timeout=INITIALIZATION_TIMEOUT,
           heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT):
   """Refuses bad values (BitbertError naming the flag) before anything connects anywhere."""
   given = {'--coordinator_address': coordinator_address, '--num_processes': num_processes,

@@ -34,8 +34,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of pr
                                    'one process, or what a TPU pod / SLURM / MPI launch sets')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_processes-1.')
-_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', 300, 'Seconds for all to join.')
-_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout_seconds', 100,
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', distributed.INITIALIZATION_TIMEOUT,
+                                     'Seconds for all processes to join.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout_seconds', distributed.HEARTBEAT_TIMEOUT,
                                   'A process silent this long stops all the others.')
 
 

@@ -59,11 +59,13 @@ while [[ $# -gt 0 ]]; do
 done
 MAIN_FLAGS=("$@")
 is_int() { [[ $1 =~ ^[0-9]+$ ]]; }
-is_int "$NUM_PROCESSES" && ((NUM_PROCESSES >= 1)) || die "--processes: a count >= 1, got $NUM_PROCESSES"
+is_int "$NUM_PROCESSES" && ((NUM_PROCESSES >= 1)) || die "--processes: >= 1, got $NUM_PROCESSES"
 is_int "$CPU_DEVICES" || die "--cpu-devices: a count >= 0, got $CPU_DEVICES"
 is_int "$GRACE" || die "--grace: seconds, got $GRACE"
-is_int "$INIT_TIMEOUT" && ((INIT_TIMEOUT >= 1)) || die "--initialization-timeout: seconds >= 1, got $INIT_TIMEOUT"
-[[ -z $PORT ]] || { is_int "$PORT" && ((PORT > 0 && PORT < 65536)); } || die "--port: 1..65535, got $PORT"
+is_int "$INIT_TIMEOUT" && ((INIT_TIMEOUT >= 1)) \
+  || die "--initialization-timeout: seconds >= 1, got $INIT_TIMEOUT"
+[[ -z $PORT ]] || { is_int "$PORT" && ((PORT > 0 && PORT < 65536)); } \
+  || die "--port: 1..65535, got $PORT"
 ((${#MAIN_FLAGS[@]})) || die "no bitbert_jax.main flags after -- (at least --config and --workdir)"
 for f in "${MAIN_FLAGS[@]}"; do
   case $f in
@@ -90,7 +92,8 @@ if [[ -z $PORT ]]; then
 fi
 ENV=()
 if ((CPU_DEVICES > 0)); then
-  ENV=(JAX_PLATFORMS=cpu "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$CPU_DEVICES")
+  ENV=(JAX_PLATFORMS=cpu
+       "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$CPU_DEVICES")
 fi
 command_of() {  # the command of process $1
   CMD=(env "${ENV[@]+"${ENV[@]}"}" "$PYTHON" -m bitbert_jax.main "${MAIN_FLAGS[@]}"

@@ -81,7 +81,8 @@ def test_local_refuses_bad_arguments(args, message):
 
 def test_local_stops_the_others_when_one_fails(tmp_path):
   """Process 1 fails at once; process 0 would wait for ever (as on a dead peer's collective)."""
-  python = _fake(tmp_path / 'bin' / 'python', 'for a; do case $a in --process_id=*) id=${a#*=};; esac; done\n'
+  python = _fake(tmp_path / 'bin' / 'python',
+                 'for a; do case $a in --process_id=*) id=${a#*=};; esac; done\n'
                  'echo "started $id" >> "$LOG"\n'
                  '[[ $id == 1 ]] && exit 3\n'
                  'exec sleep 300\n')

@@ -43,7 +43,8 @@ class StageSaveNotCollective(AssertionError):
   """The known first failure of a 2-process pipeline (FIRST_FAILURE)."""
 
 
-FAILS_AT_STAGE_SAVE = pytest.mark.xfail(strict=True, raises=StageSaveNotCollective, reason=FIRST_FAILURE)
+FAILS_AT_STAGE_SAVE = pytest.mark.xfail(strict=True, raises=StageSaveNotCollective,
+                                        reason=FIRST_FAILURE)
 
 
 def _env():
@@ -333,7 +334,8 @@ def assert_same_run(workdir, reference, exact):
     for k, v in r.items():
       if isinstance(v, float):
         assert close(np.float64(v), np.float64(s[k])), (r['stage'], r['step'], k, v, s[k])
-  packed = [load_file(os.path.join(d, 'packed', 'weights.safetensors')) for d in (workdir, reference)]
+  packed = [load_file(os.path.join(d, 'packed', 'weights.safetensors'))
+            for d in (workdir, reference)]
   assert sorted(packed[0]) == sorted(packed[1])
   for name, value in packed[0].items():
     other = packed[1][name]
