@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from bitbert_jax import distributed
 from bitbert_jax.errors import BitbertError
 
 EX_USAGE, EX_TEMPFAIL = 2, 75
@@ -35,6 +36,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the resolved pipeline (a line per stage, '
                              'and the rule behind each chosen value), then exit; writes nothing.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-host (jax.distributed.initialize's names): the same command on every host, its own id.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0; unset: '
+                                   'one process, or what a TPU pod / SLURM / MPI launch sets')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_processes-1.')
+_INIT_TIMEOUT = flags.DEFINE_integer('initialization_timeout', distributed.INITIALIZATION_TIMEOUT,
+                                     'Seconds for all processes to join.')
+_HEARTBEAT = flags.DEFINE_integer('heartbeat_timeout_seconds', distributed.HEARTBEAT_TIMEOUT,
+                                  'A process silent this long stops all the others.')
 
 
 def run(config, workdir):
@@ -54,8 +64,6 @@ def run(config, workdir):
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
-  if os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('TPU_WORKER_HOSTNAMES'):
-    jax.distributed.initialize()  # a pod launch: every host runs this same command
   validate.validate_config(config, jax.device_count())
   with preempt.preemptible(), workdir_lib.Claim(workdir, jax.process_index() == 0) as claim:
     inputs = pipeline.prepare(config, workdir)
@@ -100,6 +108,8 @@ def main(argv):
       from bitbert_jax import pipeline  # pylint: disable=g-import-not-at-top
       print(pipeline.dry_run(config, _WORKDIR.value))
       return
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _INIT_TIMEOUT.value, _HEARTBEAT.value)  # before any array or handler
     with preempt.preemptible():  # from here on SIGTERM means: checkpoint, then exit 75
       results = run(config, _WORKDIR.value)
   except preempt.Preempted as e:
@@ -178,4 +188,4 @@ def parse_flags(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(distributed.exits_together(main), flags_parser=parse_flags)

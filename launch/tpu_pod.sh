@@ -2,7 +2,13 @@
 # Runs one bitbert_jax pipeline on a Cloud TPU VM (single host or a pod slice such as v4-32):
 # create the TPU VM -> install jax[tpu] + bitbert_jax on every worker -> stage GLUE data ->
 # run the same `python -m bitbert_jax.main` on all workers (jax.distributed joins them) ->
-# copy worker 0's workdir back -> delete the VM (also on failure or Ctrl-C, unless KEEP=1).
+# copy the workdir back -> delete the VM (also on failure or Ctrl-C, unless KEEP=1).
+#
+# With --results-uri the workdir is the bucket itself (gs://.../NAME): every worker reads and
+# writes the same checkpoints there, so a preempted run resumes when relaunched with the same
+# --name. A workdir on the workers' own disks cannot resume a pod: each worker writes only its
+# own shards of every Orbax checkpoint and worker 0 alone commits it, so no disk holds a whole
+# checkpoint, and a preempted (Spot) VM's disks are deleted with it.
 #
 #   launch/tpu_pod.sh --name bitbert-xtc --zone us-central2-b --accelerator v4-32 --spot \
 #       --config 'configs/xtc.py:task=mrpc,preset=paper' --glue-dir gs://my-bucket/glue \
@@ -40,10 +46,12 @@ Run
   --config CONFIG        CONFIG            (default: configs/xtc.py:task=mrpc,preset=paper)
   --glue-dir DIR         GLUE_DIR          gs://... (synced on every worker), a local folder
                                            (copied with scp), or empty: the Hugging Face hub
-  --workdir DIR          REMOTE_WORKDIR    workdir on each worker (default: ~/runs/NAME)
-  --results-uri URI      RESULTS_URI       gs://bucket/prefix: worker 0 also uploads its whole
-                                           workdir (checkpoints included) to URI/NAME
-  --results-dir DIR      RESULTS_DIR       local copy of worker 0's workdir (default: runs/NAME)
+  --workdir DIR          REMOTE_WORKDIR    the run's workdir (default: URI/NAME with
+                                           --results-uri, else ~/runs/NAME on each worker,
+                                           which cannot resume a multi-host pod: see above)
+  --results-uri URI      RESULTS_URI       gs://bucket/prefix: the workdir is URI/NAME, shared
+                                           by every worker (checkpoints included)
+  --results-dir DIR      RESULTS_DIR       local copy of the workdir (default: runs/NAME)
   --copy-checkpoints     COPY_CHECKPOINTS=1  include checkpoints/ dirs in the local copy
 
   KEEP=1      keep the TPU VM afterwards (default: delete it, even when a step failed)
@@ -109,8 +117,13 @@ EXTRA_FLAGS=("$@")  # passed through to bitbert_jax.main, e.g. --config.train.ba
 [[ -z $RESULTS_URI || $RESULTS_URI == gs://* ]] || die "--results-uri must be gs://..., got $RESULTS_URI"
 TPU_NAME=${TPU_NAME:-bitbert-${USER:-user}-$(date +%Y%m%d-%H%M%S)}
 TPU_NAME=$(tr '[:upper:]_' '[:lower:]-' <<<"$TPU_NAME")  # TPU names: lowercase, digits, hyphens
+if [[ -z $REMOTE_WORKDIR && -n $RESULTS_URI ]]; then
+  REMOTE_WORKDIR=${RESULTS_URI%/}/$TPU_NAME  # one workdir all workers share: resumable
+fi
 REMOTE_WORKDIR=${REMOTE_WORKDIR:-runs/$TPU_NAME}  # relative: under the worker's home dir
 REMOTE_WORKDIR=${REMOTE_WORKDIR#\~/}  # ~/x -> x (relative to home), so quoting can't break ~
+SHARED_WORKDIR=0
+[[ $REMOTE_WORKDIR == gs://* ]] && SHARED_WORKDIR=1
 RESULTS_DIR=${RESULTS_DIR:-runs/$TPU_NAME}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -140,6 +153,15 @@ CREATED=0       # the VM exists (created here, or --reuse)
 TRAIN_STARTED=0
 COPIED=0
 copy_back() {
+  if [[ $SHARED_WORKDIR == 1 ]]; then  # the bucket holds everything: copy it from there
+    log "copying $REMOTE_WORKDIR to $RESULTS_DIR"
+    local skip=(--exclude='(.*/)?checkpoints/.*')  # Orbax training checkpoints: big; the bucket keeps them
+    [[ $COPY_CHECKPOINTS == 1 ]] && skip=()
+    run mkdir -p "$RESULTS_DIR"
+    run gcloud storage rsync -r "${skip[@]+"${skip[@]}"}" "$REMOTE_WORKDIR" "$RESULTS_DIR"
+    COPIED=1
+    return
+  fi
   log "copying worker 0's workdir to $RESULTS_DIR"
   local exclude='--exclude=checkpoints'  # Orbax training checkpoints: big; the RESULTS_URI copy keeps them
   [[ $COPY_CHECKPOINTS == 1 ]] && exclude=''
@@ -259,7 +281,7 @@ fi
 train_cmd() {
   local wd
   wd=$(q "$REMOTE_WORKDIR")
-  [[ $REMOTE_WORKDIR == /* ]] || wd="\$HOME/$wd"  # relative: under the worker's home dir
+  [[ $REMOTE_WORKDIR == /* || $SHARED_WORKDIR == 1 ]] || wd="\$HOME/$wd"  # relative: under home
   local cmd="set -e; cd $REMOTE_REPO; export JAX_COORDINATOR_ADDRESS=$WORKER0_IP:$COORDINATOR_PORT"
   [[ -n $REMOTE_GLUE ]] && cmd+=" GLUE_DIR=$REMOTE_GLUE"
   cmd+="; $REMOTE_PY -m bitbert_jax.main --config=$(q "$CONFIG") --workdir=$wd"
@@ -267,6 +289,8 @@ train_cmd() {
   for f in "${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"}"; do cmd+=" $(q "$f")"; done
   printf '%s' "$cmd"
 }
+[[ $SHARED_WORKDIR == 1 ]] || log "workdir $REMOTE_WORKDIR is on each worker's own disk: a multi-host \
+run there cannot resume (no disk holds a whole checkpoint); give --results-uri gs://... to share one"
 log "training on all workers: $CONFIG"
 TRAIN_STARTED=1
 ssh_workers all "$(train_cmd)"

@@ -188,7 +188,8 @@ def _commands(stdout):
 def test_tpu_pod_dry_run():
   p = _bash(TPU_POD, '--name', 'bb-test', '--zone', 'us-central2-b', '--accelerator', 'v4-32',
             '--project', 'proj', '--spot', '--glue-dir', 'gs://bucket/glue',
-            '--results-uri', 'gs://bucket/runs', '--config', 'configs/xtc.py:task=rte,preset=quick',
+            '--results-uri', 'gs://bucket/runs', '--workdir', 'runs/bb-test',  # worker disks
+            '--config', 'configs/xtc.py:task=rte,preset=quick',
             '--', '--config.train.batch_size=64', env={'DRY_RUN': '1'})
   cmds = _commands(p.stdout)
   create = [c for c in cmds if ' tpu-vm create ' in c]
