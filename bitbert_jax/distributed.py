@@ -199,3 +199,46 @@ def _leave(status):
     logging.shutdown()
     os._exit(status)
   sys.exit(status)
+
+
+# --- what the processes agree on (each a no-op with one process) ---------------------------
+
+def sync(name):
+  """Waits until every process got here."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def any_process(*flags):
+  """Each flag OR-ed over the processes: the same decision on every one (one collective)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return tuple(bool(f) for f in flags)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+  return tuple(bool(v) for v in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+
+
+def agreed(fn, what):
+  """fn() on every process; a BitbertError on any one is raised on all (the others name it), so
+  that no process goes on to a collective that the failed one never reaches."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return fn()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  error, out = None, None
+  try:
+    out = fn()
+  except BitbertError as e:
+    error = e
+  failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+  if error is not None:
+    raise error
+  if failed.any():
+    raise BitbertError(f'process {int(np.argmax(failed))} stopped at {what} with an error (its '
+                       'output names it); every process stops')
+  return out

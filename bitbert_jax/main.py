@@ -15,6 +15,7 @@ A run killed any other way (SIGKILL, power loss) also resumes when the same comm
 from the newest checkpoint, and ends bitwise equal (on CPU) to an uninterrupted run.
 `--dry_run` prints the resolved pipeline (and why each rule-chosen value) and writes nothing.
 """
+import contextlib
 import json
 import logging
 import os
@@ -64,9 +65,14 @@ def run(config, workdir):
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
-  validate.validate_config(config, jax.device_count())
-  with preempt.preemptible(), workdir_lib.Claim(workdir, jax.process_index() == 0) as claim:
-    inputs = pipeline.prepare(config, workdir)
+  # Checks files too (a GLUE copy, a checkpoint), which one host may lack: all fail or none.
+  distributed.agreed(lambda: validate.validate_config(config, jax.device_count()),
+                     'checking the config')
+  with preempt.preemptible(), contextlib.ExitStack() as stack:
+    # The claim (process 0 alone) and the inputs (read by every process) fail on all or none.
+    claim = distributed.agreed(lambda: stack.enter_context(
+        workdir_lib.Claim(workdir, jax.process_index() == 0)), 'claiming the workdir')
+    inputs = distributed.agreed(lambda: pipeline.prepare(config, workdir), 'reading the inputs')
     if preempt.preempt_requested():
       raise preempt.Preempted(inputs.names[0], 0)
     claim.commit()
@@ -74,8 +80,11 @@ def run(config, workdir):
       pipeline.write_config(config, workdir)
       tokenizer_dir = pipeline.save_tokenizer(workdir, inputs.tokenizer_dir)
     results, state = pipeline.execute(config, workdir, inputs)
-    if jax.process_index() == 0:
-      _export(config, workdir, state, tokenizer_dir, results)
+    primary = jax.process_index() == 0
+    # Process 0 exports; the others wait (not time out in shutdown) and stop too if it fails.
+    distributed.agreed(lambda: primary and _export(config, workdir, state, tokenizer_dir,
+                                                   results), 'the export')
+    if primary:
       logging.getLogger('bitbert_jax').info('%s', progress.summary(results, workdir))
   return results
 

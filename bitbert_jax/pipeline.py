@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bitbert_jax import data as data_lib
+from bitbert_jax import distributed
 from bitbert_jax import hf
 from bitbert_jax import logs
 from bitbert_jax import plan as plan_lib
@@ -129,14 +130,22 @@ def load_task_data(config, tokenizer_dir):
 
 
 def _save_stage(stage_dir, state, info):
-  """Writes a stage's output atomically: into a temp dir (with a manifest), then renamed."""
+  """Writes a stage's output atomically: into a temp dir (with a manifest), then renamed.
+
+  Every process calls it (Orbax saves are collective); process 0 alone writes the other files.
+  """
   tmp = os.path.join(stage_dir, 'output.tmp')
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  primary = jax.process_index() == 0
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  distributed.sync('stage_save_start')  # the temp dir exists before any process writes to it
   try:
-    with ocp.StandardCheckpointer() as c:
+    with ocp.StandardCheckpointer() as c:  # collective: each process writes its own shards
       c.save(os.path.join(tmp, 'params'), {'params': state.params,
                                            'model_state': state.model_state})
+    if not primary:
+      return
     # The RNG travels to the next stage (e.g. quantize initialises scales from it).
     rng = np.asarray(jax.device_get(state.rng)).tolist()
     with open(os.path.join(tmp, 'stage.json'), 'w') as f:
@@ -151,7 +160,9 @@ def _save_stage(stage_dir, state, info):
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)
+    distributed.sync('stage_save_done')  # no process goes on before the output is committed
 
 
 def load_stage_output(stage_dir):
@@ -346,8 +357,7 @@ def _execute(config, workdir, inputs, writer):
       info = {'kind': kind, 'dev': record.dev, 'seconds': time.time() - t0,
               'student_layers': list(layers) if layers else None}
       state = _carry(state)
-      if jax.process_index() == 0:
-        _save_stage(stage_dir, jax.device_get(state), info)
+      _save_stage(stage_dir, jax.device_get(state), info)  # on every process: collective
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')
       run.stage_end(i, info['seconds'])
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}

@@ -5,8 +5,8 @@ import signal
 import threading
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+
+from bitbert_jax import distributed
 
 
 class Preempted(Exception):
@@ -46,19 +46,23 @@ def preemptible():
     _PREEMPT.clear()  # a request is for this run only; later library calls start clean
 
 
+def local_request():
+  """True once SIGTERM arrived at this process (the others may not know yet)."""
+  return _PREEMPT.is_set()
+
+
 def preempt_requested():
   """True once SIGTERM arrived (on any host: all hosts must stop at the same step)."""
-  flag = _PREEMPT.is_set()
-  if jax.process_count() > 1:
-    flag = bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-  return flag
+  return distributed.any_process(_PREEMPT.is_set())[0]
 
 
 def check(during):
   """Raises Preempted once SIGTERM arrived; `during` names the phase ('tokenization', ...).
 
   Local only (no cross-host agreement): data phases run at different speeds on each host. The
-  train loop catches it and fills in its stage and step after a checkpoint.
+  train loop catches it and fills in its stage and step after a checkpoint. With several
+  processes it never raises: the train loop's agreed step boundary stops them all together.
   """
-  if _PREEMPT.is_set():
+  # One process stopping alone would leave the others waiting in their next collective.
+  if _PREEMPT.is_set() and jax.process_count() == 1:
     raise Preempted(None, 0, during)

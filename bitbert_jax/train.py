@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from bitbert_jax import checkpoint as ckpt_lib
+from bitbert_jax import distributed
 from bitbert_jax import evaluate as evaluate_lib
 from bitbert_jax import logs
 from bitbert_jax import optim
@@ -292,8 +293,9 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
           evaluating = True
           dev_eval(step)
           evaluating = False
-        preempted = preempt.preempt_requested()
-        if ckpts.due(step) or preempted:
+        # One verdict for all processes (one allgather): a save is collective, clocks differ.
+        preempted, due = distributed.any_process(preempt.local_request(), ckpts.due(step))
+        if due or preempted:
           save(step)
         if preempted:
           raise preempt.Preempted(name, step)

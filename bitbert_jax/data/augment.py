@@ -27,6 +27,7 @@ import tempfile
 from typing import Callable, Iterable, Mapping, Sequence
 
 import datasets
+import jax
 import numpy as np
 
 from bitbert_jax import preempt
@@ -518,13 +519,14 @@ def augmented_split(ctx, mlm_fn: MlmFn | None = None) -> tokenize_lib.EncodedSpl
              ctx.name, len(raw['label']), copies, len(neighbours), len(words))
     cols = _build(raw, fields, ctx.data.tokenizer, mlm_fn, neighbours, ctx.config.seed,
                   copies, probability, candidates, field)
-    # Drop the old settings first: a crash mid-write must not pair them with new data.
-    if os.path.exists(meta_path):
-      os.remove(meta_path)
-    n = len(cols['label'])
-    _write_atomic(data_path, (json.dumps({c: cols[c][i] for c in cols}, ensure_ascii=False)
-                              + '\n' for i in range(n)))
-    _write_atomic(meta_path, [json.dumps(settings, indent=2) + '\n'])
+    if jax.process_index() == 0:  # every process built the same rows; one writes them
+      # Drop the old settings first: a crash mid-write must not pair them with new data.
+      if os.path.exists(meta_path):
+        os.remove(meta_path)
+      n = len(cols['label'])
+      _write_atomic(data_path, (json.dumps({c: cols[c][i] for c in cols}, ensure_ascii=False)
+                                + '\n' for i in range(n)))
+      _write_atomic(meta_path, [json.dumps(settings, indent=2) + '\n'])
   feats = {f: datasets.Value('string') for f in fields}
   feats['label'] = datasets.Value('float32' if task.is_regression else 'int64')
   ds = datasets.Dataset.from_dict(cols, features=datasets.Features(feats))
