@@ -5,6 +5,9 @@ Started by hand (or by launch/local_processes.sh, launch/slurm_gpu.sbatch) with 
 of `jax.distributed.initialize`; on a Cloud TPU pod (JAX_COORDINATOR_ADDRESS or
 TPU_WORKER_HOSTNAMES set), an `srun` with several tasks, or an `mpirun`, JAX reads them from the
 environment itself. Without either, the run is one process and nothing happens here.
+
+Once joined, the processes meet at barriers (`sync`) and share verdicts (`any_process`,
+`agreed`) wherever one process deciding alone would leave the others waiting in a collective.
 """
 import functools
 import logging

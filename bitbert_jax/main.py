@@ -82,8 +82,8 @@ def run(config, workdir):
     results, state = pipeline.execute(config, workdir, inputs)
     primary = jax.process_index() == 0
     # Process 0 exports; the others wait (not time out in shutdown) and stop too if it fails.
-    distributed.agreed(lambda: primary and _export(config, workdir, state, tokenizer_dir,
-                                                   results), 'the export')
+    distributed.agreed(lambda: _export(config, workdir, state, tokenizer_dir, results)
+                       if primary else None, 'the export')
     if primary:
       logging.getLogger('bitbert_jax').info('%s', progress.summary(results, workdir))
   return results
