@@ -63,6 +63,9 @@ def run(config, workdir):
   from bitbert_jax import paths, pipeline, preempt, validate  # pylint: disable=g-import-not-at-top
   from bitbert_jax import progress  # pylint: disable=g-import-not-at-top
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if '://' in workdir:  # os paths below would make gs://b/x a local folder 'gs:'
+    raise BitbertError(f'--workdir={workdir}: URI workdirs (gs://...) are not supported yet; '
+                       'give a local or mounted directory')
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
   # Checks files too (a GLUE copy, a checkpoint), which one host may lack: all fail or none.
@@ -76,11 +79,11 @@ def run(config, workdir):
     if preempt.preempt_requested():
       raise preempt.Preempted(inputs.names[0], 0)
     claim.commit()
-    if jax.process_index() == 0:
+    primary, tokenizer_dir = jax.process_index() == 0, None
+    if primary:  # the one writer of the workdir's files
       pipeline.write_config(config, workdir)
       tokenizer_dir = pipeline.save_tokenizer(workdir, inputs.tokenizer_dir)
     results, state = pipeline.execute(config, workdir, inputs)
-    primary = jax.process_index() == 0
     # Process 0 exports; the others wait (not time out in shutdown) and stop too if it fails.
     distributed.agreed(lambda: _export(config, workdir, state, tokenizer_dir, results)
                        if primary else None, 'the export')

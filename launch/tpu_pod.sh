@@ -4,7 +4,9 @@
 # run the same `python -m bitbert_jax.main` on all workers (jax.distributed joins them) ->
 # copy the workdir back -> delete the VM (also on failure or Ctrl-C, unless KEEP=1).
 #
-# With --results-uri the workdir is the bucket itself (gs://.../NAME): every worker reads and
+# Not supported yet: the run's files do not go through a path layer that reaches gs:// (only
+# Orbax does), so main refuses a gs:// workdir (status 2). The design it is built for:
+# with --results-uri the workdir is the bucket itself (gs://.../NAME): every worker reads and
 # writes the same checkpoints there, so a preempted run resumes when relaunched with the same
 # --name. A workdir on the workers' own disks cannot resume a pod: each worker writes only its
 # own shards of every Orbax checkpoint and worker 0 alone commits it, so no disk holds a whole
