@@ -214,6 +214,20 @@ def sync(name):
     multihost_utils.sync_global_devices(name)
 
 
+def fetch(tree):
+  """jax.device_get that also reads arrays sharded over several processes' devices (fsdp or tensor
+  axes across hosts), by gathering them; collective then: every process calls it at one point."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def one(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(one, tree)
+
+
 def any_process(*flags):
   """Each flag OR-ed over the processes: the same decision on every one (one collective)."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -146,7 +146,7 @@ def _save_stage(stage_dir, state, info):
     if not primary:
       return
     # The RNG travels to the next stage (e.g. quantize initialises scales from it).
-    rng = np.asarray(jax.device_get(state.rng)).tolist()
+    rng = np.asarray(distributed.fetch(state.rng)).tolist()
     with open(os.path.join(tmp, 'stage.json'), 'w') as f:
       json.dump(info | {'model_config': state.model_config.to_dict(),
                         'policy': state.policy.to_dict(), 'rng': rng}, f, indent=2,
@@ -356,7 +356,7 @@ def _execute(config, workdir, inputs, writer):
       info = {'kind': kind, 'dev': record.dev, 'seconds': time.time() - t0,
               'student_layers': list(layers) if layers else None}
       state = _carry(state)
-      _save_stage(stage_dir, jax.device_get(state), info)  # on every process: collective
+      _save_stage(stage_dir, distributed.fetch(state), info)  # on every process: collective
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')
       run.stage_end(i, info['seconds'])
     results['stages'][name] = {k: info.get(k) for k in ('kind', 'dev', 'seconds')}

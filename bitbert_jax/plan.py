@@ -8,6 +8,7 @@ import math
 import os
 
 from bitbert_jax import config_lib
+from bitbert_jax import validate
 from bitbert_jax.distill import stage_config
 
 COLUMNS = ('stage', 'kind', 'data', 'epochs', 'steps', 'batch', 'lr', 'bits')
@@ -29,7 +30,7 @@ def plan(config, examples=None):
   frozen = ml_collections.FrozenConfigDict(config)
   ctx = stages_lib.StageContext(config=frozen, mesh=None, writer=None, train=None)
   bits, copies, rows = stage_config.FP32, 0, []
-  for name in [n.strip() for n in config.pipeline.split(',') if n.strip()]:
+  for name in validate.stage_names(config):
     s = stage_config.section(config.stages[name])
     kind = stage_config.KINDS[s.kind]
     why = lambda field, n=name: config_lib.why(config, f'stages.{n}.{field}')

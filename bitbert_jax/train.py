@@ -262,7 +262,7 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
     last_evals = evals
     if best['score'] is None or evals['score'] > best['score']:
       best = {'score': float(evals['score']), 'step': step, 'evals': evals}
-      best_params = jax.device_get((state.params, state.model_state))
+      best_params = distributed.fetch((state.params, state.model_state))
 
   step, evaluating = start, False
   try:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitbert_jax import distributed
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
@@ -129,7 +130,7 @@ def finetune(state, ctx):
 
 
 def _teacher_record(state, ctx, dev):
-  teacher = objective_lib.Teacher(state.model_config, jax.device_get(state.params))
+  teacher = objective_lib.Teacher(state.model_config, distributed.fetch(state.params))
   if jax.process_index() == 0:
     _export_hf(os.path.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
   return StageRecord(dev=dev, teacher=teacher)
@@ -155,8 +156,8 @@ def _copied_student(state, ctx, num_layers, keep_head, source_field):
   n = state.model_config.num_hidden_layers
   layers = stage_config.copied_layers(ctx.stage, f'config.stages.{ctx.name}', num_layers, n,
                                       source_field)
-  params = {k: v for k, v in jax.tree.map(np.asarray, dict(state.params)).items()
-            if keep_head or k != 'classifier'}
+  host = jax.tree.map(np.asarray, distributed.fetch(dict(state.params)))
+  params = {k: v for k, v in host.items() if keep_head or k != 'classifier'}
   params['encoder'] = {f'layer_{i}': state.params['encoder'][f'layer_{l}']
                        for i, l in enumerate(layers)}
   cfg = state.model_config.replace(num_hidden_layers=len(layers), dtype=ctx.config.model.dtype,
@@ -255,7 +256,7 @@ def split(state, ctx):
   """Ternary -> binary weight splitting: the binary model computes the same function."""
   del ctx
   from bitbert_jax import split as split_lib  # pylint: disable=g-import-not-at-top
-  params, policy = split_lib.split_params(jax.device_get(state.params), state.policy)
+  params, policy = split_lib.split_params(distributed.fetch(state.params), state.policy)
   return state.replace(params=params, policy=policy), StageRecord()
 
 
