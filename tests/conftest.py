@@ -15,7 +15,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 # The slowest files first, so that pyproject's two workers overlap them with everything else.
-SLOW_FIRST = ('test_readme.py', 'test_pipeline.py', 'test_resume.py', 'test_sharding.py')
+SLOW_FIRST = ('test_readme.py', 'test_multihost.py', 'test_pipeline.py', 'test_sharding.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -4,14 +4,16 @@ port), against 1 process x 4 devices. Both have the same global mesh (fsdp=4: pa
 split over all four devices) and global batch of the XTC smoke pipeline (tiny pre-trained model,
 one student layer), so they compute the same numbers except for the order in which the gradient
 reduction adds the processes' partial sums: float32 rounding then differs in the last bits (1-bit
-codes equal), hence the tolerances of `assert_same_run(exact=False)`. Interrupted 2-process runs
-are compared with an uninterrupted 2-process run bitwise.
+codes equal), hence the tolerances of `assert_same_run(exact=False)`. An interrupted 2-process
+run (SIGTERM to one process, resumed; SIGKILL of one process, relaunched) is compared with an
+uninterrupted 2-process run bitwise: exact resume, which one process is the special case of.
 
 Every run is bounded: the launcher kills the processes that outlive a failure by --grace
 seconds, each wait has a timeout, and a test that fails kills its runs' process group.
 """
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -235,7 +237,8 @@ class Run:
 
   def fail(self, why):
     tails = '\n'.join(f'--- process {i} ---\n{self.log(i)[-2500:]}' for i in range(2))
-    pytest.fail(f'{self.dir.name}: {why}\n{self.out.read_text()[-1500:]}\n{tails}')
+    pytest.fail(f'{self.dir.name} (BITBERT_RESUME_SEED={SEED}): {why}\n'
+                f'{self.out.read_text()[-1500:]}\n{tails}')
 
   def newest_checkpoint(self, stage):
     d = os.path.join(self.workdir, 'stages', stage, 'checkpoints')
@@ -279,7 +282,13 @@ def _launch(runs, base, name, processes, devices, flags, workdir=None):
   return run
 
 
-PREEMPT_STEP, KILL_STEP = 3, 3  # checkpoints after which a signal is sent (every step saves)
+# The moments of the signals, drawn from BITBERT_RESUME_SEED (printed; random when unset): SIGTERM
+# after a finetune checkpoint, SIGKILL a random delay after a 1-bit-stage checkpoint (so at times
+# in the middle of the next checkpoint's write). Every step saves a checkpoint; 8 steps a stage.
+SEED = int(os.environ.get('BITBERT_RESUME_SEED') or random.SystemRandom().randrange(2**31))
+_draw = random.Random(SEED)
+PREEMPT_STEP, KILL_STEP = _draw.randint(1, 5), _draw.randint(1, 5)
+KILL_DELAY = _draw.uniform(0, 0.3)
 CHECKPOINT_EVERY_STEP = '--config.train.checkpoint_every_steps=1'
 
 
@@ -287,6 +296,8 @@ CHECKPOINT_EVERY_STEP = '--config.train.checkpoint_every_steps=1'
 def launched(runs, base, flags):
   """The three first runs at once (start-up and compiles dominate): 1 x 4 devices, 2 x 2, and
   2 x 2 whose process 1 gets SIGTERM after finetune checkpoint PREEMPT_STEP."""
+  print(f'BITBERT_RESUME_SEED={SEED}: SIGTERM after checkpoint finetune/{PREEMPT_STEP}, SIGKILL '
+        f'{KILL_DELAY:.2f}s after checkpoint kd_1bit/{KILL_STEP}')
   started = {'single': _launch(runs, base, 'single', 1, 4, flags),
              'multi': _launch(runs, base, 'multi', 2, 2, flags),
              'sigterm': _launch(runs, base, 'sigterm', 2, 2, flags + [CHECKPOINT_EVERY_STEP])}
@@ -355,6 +366,9 @@ def assert_same_run(workdir, reference, exact):
       assert np.array_equal(value, other), f'packed {name} differs'
     else:  # float16 tensors: within one float16 step
       assert np.allclose(value, other, rtol=1e-3, atol=1e-6), f'packed {name} differs'
+  leftovers = [os.path.join(r, n) for r, ds, fs in os.walk(workdir) for n in ds + fs
+               if n.endswith('.tmp') or '.orbax-checkpoint-tmp' in n]
+  assert not leftovers, leftovers  # an interrupted write is cleaned up on resume
 
 
 # --- 2 processes x 2 devices == 1 process x 4 devices --------------------------------------
@@ -395,6 +409,7 @@ def test_resumed_then_killed_run_relaunches_to_the_uninterrupted_results(
   pids = run.pids(2)
   run.wait_for_checkpoint('03_kd_1bit', KILL_STEP)
   assert f'resumed from step {stopped_at}' in run.log(0), run.log(0)[-3000:]
+  time.sleep(KILL_DELAY)
   killed_at = time.monotonic()
   os.kill(pids[1], signal.SIGKILL)
   run.wait(timeout=HEARTBEAT + 120)
@@ -406,4 +421,4 @@ def test_resumed_then_killed_run_relaunches_to_the_uninterrupted_results(
   again.wait()
   _require_done(again)
   assert 'resumed from step' in again.log(0)
-  assert_same_run(first.workdir, multi.workdir, exact=True)
+  assert_same_run(first.workdir, multi.workdir, exact=True)  # the seed is printed above
