@@ -19,7 +19,6 @@ from flax import traverse_util
 
 from bitbert_jax.errors import BitbertError
 
-IMPORTANCE = ('magnitude', 'taylor')
 _QKV = ('query', 'key', 'value')
 
 
