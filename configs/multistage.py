@@ -7,9 +7,9 @@
 Arguments: task, teacher, layers/hidden (student depth/width; 0 = half the teacher's depth, its
 width), width (DynaBERT's width multiplier: the fraction of attention heads and FFN neurons the
 student keeps, hidden size kept; 0.5 is BinaryBERT's half-width ternary student, whose split
-binary model has the size of a full-width 1-bit one; default 1), init (the student's start: random, as TinyBERT, or pretrained, a copy of some of
-config.pretrained's layers; default random, but pretrained for the quick preset, whose short
-general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
+encoder holds the bits of a full-width 1-bit one; default 1), init (the student's start: random,
+as TinyBERT, or pretrained, a copy of some of config.pretrained's layers; default random, but
+pretrained for the quick preset, whose short general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
 augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
 $CORPUS_DIR, else the WikiText-2 excerpt shipped in the package), preset.
 `--dry_run` prints the stages these arguments give, and which rule chose each value.
@@ -37,7 +37,8 @@ def get_config(arg=None):
     config_lib.rule(c, 'stages.init_student.width', args.width,
                     f'width={args.width:g}: the student keeps {args.width:g} x the attention heads '
                     'and FFN neurons of each layer, the most important ones (DynaBERT), hidden '
-                    'size kept; split, its two binary planes hold the bits of one full-width plane')
+                    'size kept; split, the two binary planes of each encoder matrix hold the '
+                    'bits of one full-width plane')
   if not args.init:
     quick = args.preset == 'quick'
     config_lib.rule(c, 'stages.init_student.init', 'pretrained' if quick else 'random',

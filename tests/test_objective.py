@@ -105,7 +105,8 @@ def test_stage_fields_build_the_objective():
 
 
 def test_a_narrow_student_head_is_compared_with_the_teacher_head_of_the_head_map():
-  """A student of 1 head per layer against CFG's 2: layer 0 learns teacher head 1, layer 1 head 0."""
+  """A student of 1 head per layer against CFG's 2: layer 0 learns teacher head 1, layer 1
+  head 0."""
   narrow = CFG.replace(num_attention_heads=1, attention_head_size=8, intermediate_size=16)
   student, teacher = init_params(narrow, rng=jax.random.PRNGKey(1)), init_params(CFG)
   b = _batch()
