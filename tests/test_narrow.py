@@ -127,3 +127,44 @@ def test_bad_kept_lists_and_split_params_are_refused():
   split, _ = split_params(params, policy_from_name('2-2-8'))
   with pytest.raises(BitbertError, match='not a split one'):
     narrow_lib.narrow(TINY, split, KEPT)
+
+
+def _batches():
+  ids, mask = _batch()
+  return [dict(input_ids=ids[lo:lo + 2], attention_mask=mask[lo:lo + 2],
+               token_type_ids=jnp.zeros_like(ids[lo:lo + 2])) for lo in (0, 1)]
+
+
+def _loss(forward, batch, params):
+  out = forward(params, batch)
+  return jnp.sum(out.logits**2) + sum(jnp.mean(h**2) for h in out.hidden_states[1:])
+
+
+def _plain_loss(params, batch):
+  forward = lambda p, b: BertModel(TINY).apply({'params': p}, b['input_ids'],
+                                               b['attention_mask'], b['token_type_ids'])
+  return _loss(forward, batch, params)
+
+
+def _scaled(params, i, module, rows, m):
+  """params with rows `rows` of layer i's `module` kernel times m: a mask on what they read."""
+  params = jax.tree.map(jnp.asarray, params)
+  node = params['encoder'][f'layer_{i}']
+  for part in module.split('/'):
+    node = node[part]
+  node['kernel'] = node['kernel'].at[rows].multiply(m)
+  return params
+
+
+def test_taylor_importance_is_the_summed_gradient_of_a_head_and_a_neuron_mask():
+  params = random_params(TINY, seed=3, stddev=0.2)
+  params['encoder']['layer_0']['attention']['output']['kernel'][16:24] = 0  # head 2 is silent
+  heads, neurons = narrow_lib.taylor_importance(BertModel(TINY), _loss, _batches(), params)
+  assert heads.shape == (2, 4) and neurons.shape == (2, 48)
+  for i, module, rows, got in ((0, 'attention/output', slice(8, 16), heads[0, 1]),
+                               (1, 'attention/output', slice(24, 32), heads[1, 3]),
+                               (1, 'output', 5, neurons[1, 5])):
+    total = lambda m: sum(_plain_loss(_scaled(params, i, module, rows, m), b) for b in _batches())
+    want = abs(float(jax.grad(total)(1.0)))
+    assert want > 1e-4 and got == pytest.approx(want, rel=1e-4)
+  assert heads[0, 2] == 0 and 2 not in narrow_lib.most_important(heads, neurons, 3, 8).heads[0]

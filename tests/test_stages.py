@@ -161,6 +161,24 @@ def test_init_student_narrows_a_copy_to_its_most_important_heads_and_neurons(sha
   assert state.model_config.intermediate_size == 16  # 0.5 x 4 x hidden_size 8
 
 
+def test_init_student_taylor_keeps_the_heads_the_distillation_loss_needs_most(shared, tmp_path):
+  """importance=taylor: the head whose mask moves the Stage-I loss against the teacher most."""
+  ctx, _ = context(shared, tmp_path, 'init_student', init='pretrained', width=0.5,
+                   importance='taylor', importance_batches=2)
+  source = init_params(PRETRAINED, rng=jax.random.PRNGKey(3))
+  silent = jax.tree.map(np.array, source)  # head 1 of layer 1 (the copied one) reads nothing
+  silent['encoder']['layer_1']['attention']['output']['kernel'][4:] = 0
+  _, record = stages.init_student(new_state(PRETRAINED, silent), ctx)
+  assert record.student_heads == ((0,),)
+  silent = jax.tree.map(np.array, source)
+  silent['encoder']['layer_1']['attention']['output']['kernel'][:4] = 0
+  state, record = stages.init_student(new_state(PRETRAINED, silent), ctx)
+  assert record.student_heads == ((1,),) and state.model_config.num_attention_heads == 1
+  with pytest.raises(BitbertError, match='importance=taylor measures the Stage-I loss against '
+                                         'the fine-tuned teacher'):
+    stages.init_student(new_state(PRETRAINED, source), dataclasses.replace(ctx, teacher=None))
+
+
 def test_kd_compares_each_narrow_head_with_the_teacher_head_it_was_kept_from(shared, tmp_path,
                                                                              caplog):
   narrow = shared['teacher'].config.replace(num_hidden_layers=1, num_attention_heads=1,

@@ -14,10 +14,14 @@ neuron's activation).
 """
 import dataclasses
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.quant.layers import QDense
 
 _QKV = ('query', 'key', 'value')
 
@@ -61,6 +65,55 @@ def magnitude_importance(config, params):
            (_matrix(layer['output'], f'{where}/output')**2).sum(1))
     neurons.append(np.sqrt(ffn))
   return np.stack(heads), np.stack(neurons)
+
+
+def _mask_hook(masks, config):
+  """Interceptor: each layer's attention-output input (the heads' contexts) times its head
+  mask repeated over the head size, its FFN-output input (the activations) times its neuron
+  mask. A mask of ones leaves the forward pass unchanged."""
+  targets = {}
+  for i in range(config.num_hidden_layers):
+    targets[f'encoder/layer_{i}/attention/output'] = lambda i=i: jnp.repeat(
+        masks['heads'][i], config.head_dim)
+    targets[f'encoder/layer_{i}/output'] = lambda i=i: masks['neurons'][i]
+
+  def hook(next_fun, args, kwargs, context):
+    path = '/'.join(context.module.scope.path)
+    if context.method_name != '__call__' or not isinstance(context.module, QDense) or (
+        path not in targets):
+      return next_fun(*args, **kwargs)
+    return next_fun(args[0] * targets[path]().astype(args[0].dtype), *args[1:], **kwargs)
+  return hook
+
+
+def taylor_importance(model, loss_fn, batches, *args):
+  """(heads [L, N], neurons [L, I]) float64: DynaBERT's first-order importance, |sum over
+  `batches` of d loss / d mask| for a mask (of ones) on each head's context and each FFN
+  neuron's activation, i.e. |sum of gradient x value| over what the unit feeds forward.
+
+  model: the BertModel whose units are scored; loss_fn(forward, batch, *args) -> scalar, where
+  forward(params, batch) is `model`'s output with the masks applied (anything else loss_fn
+  runs, e.g. a teacher, is not masked); batches: an iterable of batch dicts.
+  """
+  cfg = model.config
+  masks = {'heads': jnp.ones((cfg.num_hidden_layers, cfg.num_attention_heads), jnp.float32),
+           'neurons': jnp.ones((cfg.num_hidden_layers, cfg.intermediate_size), jnp.float32)}
+
+  def masked_loss(masks, batch, *args):
+    def forward(params, b):
+      with nn.intercept_methods(_mask_hook(masks, cfg)):
+        return model.apply({'params': params}, b['input_ids'], b['attention_mask'],
+                           b['token_type_ids'])
+    return loss_fn(forward, batch, *args)
+
+  grad = jax.jit(jax.grad(masked_loss))
+  total = None
+  for batch in batches:
+    g = {k: np.asarray(v, np.float64) for k, v in grad(masks, batch, *args).items()}
+    total = g if total is None else {k: total[k] + g[k] for k in g}
+  if total is None:
+    raise BitbertError('taylor importance: no batches to measure it on')
+  return np.abs(total['heads']), np.abs(total['neurons'])
 
 
 def most_important(head_scores, neuron_scores, heads, intermediate):

@@ -8,6 +8,7 @@ next stage's context (`fold`). A stage's config side (fields, defaults, checks) 
 `stage_config.KINDS[kind]`; its run side is `STAGES[kind]`.
 """
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
 from bitbert_jax.distill import layer_map as layer_map_lib
+from bitbert_jax.distill import losses
 from bitbert_jax.distill import narrow as narrow_lib
 from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.distill import stage_config
@@ -209,7 +211,10 @@ def _narrowed(student, record, ctx, field):
   if (heads, neurons) == (full.num_attention_heads, full.intermediate_size):
     return student, record
   params = jax.device_get(student.params)
-  scores = narrow_lib.magnitude_importance(full, params)
+  if ctx.stage.importance == 'taylor':
+    scores = _taylor_scores(full, params, record.student_layers, ctx, field)
+  else:
+    scores = narrow_lib.magnitude_importance(full, params)
   kept = narrow_lib.most_important(*scores, heads, neurons)
   cfg, params = narrow_lib.narrow(full, params, kept)
   log.info('[%s] narrow student: per layer the %d of %d heads and %d of %d FFN neurons of '
@@ -232,6 +237,45 @@ def _layer_map(ctx, student_cfg, teacher_cfg):
   if layers:
     return layer_map_lib.from_layers(list(layers), teacher_cfg.num_hidden_layers)
   return layer_map_lib.uniform(teacher_cfg.num_hidden_layers, student_cfg.num_hidden_layers)
+
+
+def _taylor_scores(cfg, params, layers, ctx, field):
+  """Taylor importance of the copied student's heads and neurons for its first task-KD
+  objective: the Stage-I losses (attention-score and hidden-state MSE) against the fine-tuned
+  teacher, dropout off, over `importance_batches` task batches (every host the same ones)."""
+  teacher = ctx.teacher
+  if teacher is None or ctx.data is None:
+    raise BitbertError(f'{field}.importance=taylor measures the Stage-I loss against the '
+                       'fine-tuned teacher on task data, which are not loaded; valid: '
+                       'config.teacher or a finetune stage before it, or importance=magnitude')
+  t = teacher.config
+  if (t.hidden_size, t.num_attention_heads) != (cfg.hidden_size, cfg.num_attention_heads):
+    raise BitbertError(f'{field}.importance=taylor: the teacher ({t.hidden_size} wide, '
+                       f'{t.num_attention_heads} heads) and the copied student '
+                       f'({cfg.hidden_size} wide, {cfg.num_attention_heads} heads) do not compare '
+                       'head for head; valid: importance=magnitude')
+  lmap = layer_map_lib.from_layers(list(layers), t.num_hidden_layers)
+  exact = dict(dtype='float32', remat=False, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+  teacher_model = BertModel(t.replace(**exact))
+
+  def loss_fn(forward, batch, params, teacher_params):
+    out = forward(params, batch)
+    ref = jax.lax.stop_gradient(teacher_model.apply(
+        {'params': teacher_params}, batch['input_ids'], batch['attention_mask'],
+        batch['token_type_ids']))
+    w, mask = batch['weights'], batch['attention_mask']
+    attn = sum(losses.attention_mse(s, ref.attention_scores[j], mask, w)
+               for s, j in zip(out.attention_scores, lmap.attention))
+    return attn + sum(losses.hidden_mse(s, ref.hidden_states[j], w)
+                      for s, j in zip(out.hidden_states, lmap.hidden))
+
+  batch_size = min(ctx.config.train.batch_size, len(ctx.data.train))
+  batches = itertools.islice(batching.epoch_batches(
+      ctx.data.train, batch_size, seed=ctx.config.seed, drop_remainder=True),
+      ctx.stage.importance_batches)
+  return narrow_lib.taylor_importance(BertModel(cfg.replace(**exact)), loss_fn, batches, params,
+                                      jax.device_get(teacher.params))
 
 
 def _head_map(ctx, student_cfg, teacher_cfg):
