@@ -156,7 +156,7 @@ def _scaled(params, i, module, rows, m):
   return params
 
 
-def test_taylor_importance_is_the_summed_gradient_of_a_head_and_a_neuron_mask():
+def test_taylor_importance_sums_the_gradient_of_a_head_and_a_neuron_mask_per_batch():
   params = random_params(TINY, seed=3, stddev=0.2)
   params['encoder']['layer_0']['attention']['output']['kernel'][16:24] = 0  # head 2 is silent
   heads, neurons = narrow_lib.taylor_importance(BertModel(TINY), _loss, _batches(), params)
@@ -164,7 +164,7 @@ def test_taylor_importance_is_the_summed_gradient_of_a_head_and_a_neuron_mask():
   for i, module, rows, got in ((0, 'attention/output', slice(8, 16), heads[0, 1]),
                                (1, 'attention/output', slice(24, 32), heads[1, 3]),
                                (1, 'output', 5, neurons[1, 5])):
-    total = lambda m: sum(_plain_loss(_scaled(params, i, module, rows, m), b) for b in _batches())
-    want = abs(float(jax.grad(total)(1.0)))
+    want = sum(abs(float(jax.grad(lambda m, b=b: _plain_loss(
+        _scaled(params, i, module, rows, m), b))(1.0))) for b in _batches())
     assert want > 1e-4 and got == pytest.approx(want, rel=1e-4)
   assert heads[0, 2] == 0 and 2 not in narrow_lib.most_important(heads, neurons, 3, 8).heads[0]

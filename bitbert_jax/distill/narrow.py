@@ -9,7 +9,7 @@ keep their size, so heads x head size is no longer hidden_size (`BertConfig.atte
 
 Importance, per layer: `magnitude` (the norm of a head's Q, K, V columns and output rows; of a
 neuron's intermediate column and output row) or `taylor` (`taylor_importance`: DynaBERT's
-first-order |sum over batches of d loss / d mask| for a mask on each head's context and each
+first-order sum over batches of |d loss / d mask| for a mask on each head's context and each
 neuron's activation).
 """
 import dataclasses
@@ -87,9 +87,10 @@ def _mask_hook(masks, config):
 
 
 def taylor_importance(model, loss_fn, batches, *args):
-  """(heads [L, N], neurons [L, I]) float64: DynaBERT's first-order importance, |sum over
-  `batches` of d loss / d mask| for a mask (of ones) on each head's context and each FFN
-  neuron's activation, i.e. |sum of gradient x value| over what the unit feeds forward.
+  """(heads [L, N], neurons [L, I]) float64: DynaBERT's first-order importance, the sum over
+  `batches` of |d loss / d mask| for a mask (of ones) on each head's context and each FFN
+  neuron's activation, i.e. of |sum of gradient x value| over what the unit feeds forward (the
+  absolute value per batch, as DynaBERT's code takes it, so that batches do not cancel).
 
   model: the BertModel whose units are scored; loss_fn(forward, batch, *args) -> scalar, where
   forward(params, batch) is `model`'s output with the masks applied (anything else loss_fn
@@ -109,11 +110,11 @@ def taylor_importance(model, loss_fn, batches, *args):
   grad = jax.jit(jax.grad(masked_loss))
   total = None
   for batch in batches:
-    g = {k: np.asarray(v, np.float64) for k, v in grad(masks, batch, *args).items()}
+    g = {k: np.abs(np.asarray(v, np.float64)) for k, v in grad(masks, batch, *args).items()}
     total = g if total is None else {k: total[k] + g[k] for k in g}
   if total is None:
     raise BitbertError('taylor importance: no batches to measure it on')
-  return np.abs(total['heads']), np.abs(total['neurons'])
+  return total['heads'], total['neurons']
 
 
 def most_important(head_scores, neuron_scores, heads, intermediate):
