@@ -166,6 +166,11 @@ def test_init_student_fit_narrows_to_its_width():
   assert (m.student.num_attention_heads, m.student.intermediate_size) == (2, 64)
   m = _fit('init_student', _models(), init='pretrained', heads=1, intermediate_size=16)
   assert (m.student.num_attention_heads, m.student.intermediate_size) == (1, 16)
+  with pytest.raises(BitbertError, match=r'config.stages.x.importance=taylor: the teacher \(32 '
+                     r'wide, 2 heads\) and the copied student \(32 wide, 4 heads\) do not compare'):
+    _fit('init_student', _models(teacher=BASE.replace(num_labels=2, num_attention_heads=2,
+                                                      attention_head_size=8)),
+         init='pretrained', width=0.5, importance='taylor')
   with pytest.raises(BitbertError, match=r"config.stages.x.heads=5: more attention heads than "
                      r"the teacher's 4; valid: 1..4"):
     _fit('init_student', _models(), heads=5)

@@ -23,7 +23,7 @@ LOSS_SETS = {'stage1': ('attn', 'hidden'), 'stage2': ('pred',), 'all': ('pred', 
 DATA = ('task', 'augmented')
 FP32 = '32-32-32'  # the bits of an unquantized model
 INITS = ('random', 'pretrained')
-IMPORTANCE = ('magnitude', 'taylor')  # narrow.IMPORTANCE, without importing JAX
+IMPORTANCE = ('magnitude', 'taylor')  # how init_student ranks heads and neurons (narrow.py)
 
 
 def _training_fields():
@@ -339,8 +339,25 @@ def _fit_init_student(s, field, m):
                          'config.pretrained')
   from bitbert_jax.distill import narrow  # pylint: disable=g-import-not-at-top
   heads, neurons = narrow_width(s, field, base)
+  narrowing = (heads, neurons) != (base.num_attention_heads, base.intermediate_size)
+  if narrowing and s.importance == 'taylor':
+    check_taylor_teacher(m.teacher, base, field)
   copied = narrow.narrow_config(base.replace(num_hidden_layers=len(layers)), heads, neurons)
   return dataclasses.replace(m, student=copied, student_layers=layers)
+
+
+def check_taylor_teacher(teacher, student, field):
+  """importance=taylor compares the copied student with the fine-tuned teacher head for head."""
+  if teacher is None:
+    raise BitbertError(f'{field}.importance=taylor measures the Stage-I loss against the '
+                       'fine-tuned teacher on task data, which are not loaded; valid: '
+                       'config.teacher or a finetune stage before it, or importance=magnitude')
+  t = teacher
+  if (t.hidden_size, t.num_attention_heads) != (student.hidden_size, student.num_attention_heads):
+    raise BitbertError(f'{field}.importance=taylor: the teacher ({t.hidden_size} wide, '
+                       f'{t.num_attention_heads} heads) and the copied student '
+                       f'({student.hidden_size} wide, {student.num_attention_heads} heads) do not '
+                       'compare head for head; valid: importance=magnitude')
 
 
 def _fit_reduce_layers(s, field, m):

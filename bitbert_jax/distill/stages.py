@@ -244,16 +244,9 @@ def _taylor_scores(cfg, params, layers, ctx, field):
   objective: the Stage-I losses (attention-score and hidden-state MSE) against the fine-tuned
   teacher, dropout off, over `importance_batches` task batches (every host the same ones)."""
   teacher = ctx.teacher
-  if teacher is None or ctx.data is None:
-    raise BitbertError(f'{field}.importance=taylor measures the Stage-I loss against the '
-                       'fine-tuned teacher on task data, which are not loaded; valid: '
-                       'config.teacher or a finetune stage before it, or importance=magnitude')
+  stage_config.check_taylor_teacher(None if ctx.data is None or teacher is None
+                                    else teacher.config, cfg, field)
   t = teacher.config
-  if (t.hidden_size, t.num_attention_heads) != (cfg.hidden_size, cfg.num_attention_heads):
-    raise BitbertError(f'{field}.importance=taylor: the teacher ({t.hidden_size} wide, '
-                       f'{t.num_attention_heads} heads) and the copied student '
-                       f'({cfg.hidden_size} wide, {cfg.num_attention_heads} heads) do not compare '
-                       'head for head; valid: importance=magnitude')
   lmap = layer_map_lib.from_layers(list(layers), t.num_hidden_layers)
   exact = dict(dtype='float32', remat=False, hidden_dropout_prob=0.0,
                attention_probs_dropout_prob=0.0)
