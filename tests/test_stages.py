@@ -191,8 +191,8 @@ def test_kd_compares_each_narrow_head_with_the_teacher_head_it_was_kept_from(sha
     with caplog.at_level('INFO'):
       run(kind, student, dataclasses.replace(ctx, student_heads=((1,),)))
     assert trainer.calls[-1]['objective'].head_map == ((1,),)
-    assert 'attention loss: each of the 1 student heads against the teacher head it was kept ' \
-           'from' in caplog.text
+    assert 'attention loss: each of the 1 student heads against one teacher head, as ' \
+           'init_student recorded them (per layer: [[1]])' in caplog.text
   ctx, trainer = context(shared, tmp_path, 'task_kd', losses='stage2')  # no attention loss
   run('task_kd', student, ctx)
   assert trainer.calls[-1]['objective'].head_map is None

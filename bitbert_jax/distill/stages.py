@@ -282,8 +282,9 @@ def _head_map(ctx, student_cfg, teacher_cfg):
                        f'{student_cfg.num_attention_heads} attention heads, its teacher '
                        f'{teacher_cfg.num_attention_heads}, and no record of which teacher heads '
                        'it was kept from (an init_student stage with width < 1 makes one)')
-  log.info('[%s] attention loss: each of the %d student heads against the teacher head it was '
-           'kept from', ctx.name, student_cfg.num_attention_heads)
+  log.info('[%s] attention loss: each of the %d student heads against one teacher head, as '
+           'init_student recorded them (per layer: %s)', ctx.name,
+           student_cfg.num_attention_heads, [list(h) for h in heads])
   return heads
 
 
