@@ -360,9 +360,9 @@ def _tokenizer_files(tokenizer_dir):
   return files
 
 
-def _write(tmp, config, state_dict, tokenizer_files):
+def _write(tmp, hf_config, state_dict, tokenizer_files):
   with open(os.path.join(tmp, CONFIG), 'w') as f:
-    json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
+    json.dump(hf_config, f, indent=2, sort_keys=True)
   save_file(state_dict, os.path.join(tmp, SAFETENSORS), metadata={'format': 'pt'})
   for file in tokenizer_files:
     shutil.copy2(file, tmp)
@@ -373,8 +373,10 @@ def save_hf_checkpoint(config, params, out_dir, tokenizer_dir=None, overwrite=Fa
 
   config.json, model.safetensors (HF names, PyTorch layout) and, from tokenizer_dir, the
   tokenizer files. Written into a temporary directory beside out_dir and renamed, so a failure
-  leaves nothing half-written. overwrite: replace an existing out_dir.
+  leaves nothing half-written. overwrite: replace an existing out_dir. A narrow config (heads x
+  head size != hidden_size) is refused: transformers' BertModel cannot hold it.
   """
+  hf_config = config.to_hf_dict()
   shapes_lib.check_params(config, params, model='this config', split_hint=(
       'a Hugging Face checkpoint holds one float weight: merge or dequantize the split model '
       'before exporting'))
@@ -387,7 +389,7 @@ def save_hf_checkpoint(config, params, out_dir, tokenizer_dir=None, overwrite=Fa
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.tmp-', dir=parent)
   try:
-    _write(tmp, config, state_dict, tokenizer_files)
+    _write(tmp, hf_config, state_dict, tokenizer_files)
     workdir_lib.replace_dir(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

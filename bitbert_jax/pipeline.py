@@ -355,6 +355,8 @@ def _execute(config, workdir, inputs, writer):
       layers = ctx.student_layers  # every stage's output names the student's teacher layers
       info = {'kind': kind, 'dev': record.dev, 'seconds': time.time() - t0,
               'student_layers': list(layers) if layers else None}
+      if ctx.student_heads:  # and, for a narrow student, the teacher heads it was kept from
+        info['student_heads'] = [list(h) for h in ctx.student_heads]
       state = _carry(state)
       _save_stage(stage_dir, distributed.fetch(state), info)  # on every process: collective
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')

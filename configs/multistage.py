@@ -5,9 +5,11 @@
 
   python -m bitbert_jax.main --config=configs/multistage.py --workdir=runs/multistage
 Arguments: task, teacher, layers/hidden (student depth/width; 0 = half the teacher's depth, its
-width), init (the student's start: random, as TinyBERT, or pretrained, a copy of some of
-config.pretrained's layers; default random, but pretrained for the quick preset, whose short
-general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
+width), width (DynaBERT's width multiplier: the fraction of attention heads and FFN neurons the
+student keeps, hidden size kept; 0.5 is BinaryBERT's half-width ternary student, whose split
+encoder holds the bits of a full-width 1-bit one; default 1), init (the student's start: random,
+as TinyBERT, or pretrained, a copy of some of config.pretrained's layers; default random, but
+pretrained for the quick preset, whose short general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
 augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
 $CORPUS_DIR, else the WikiText-2 excerpt shipped in the package), preset.
 `--dry_run` prints the stages these arguments give, and which rule chose each value.
@@ -22,7 +24,7 @@ KD = ['fp32_stage1', 'fp32_stage2', 'ternary_stage1', 'ternary_stage2', 'binary_
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, task='mrpc', preset='paper', teacher='', pretrained='minilm',
-                              layers=0, hidden=0, init='', bits='1-1-8', augment=False,
+                              layers=0, hidden=0, width=1.0, init='', bits='1-1-8', augment=False,
                               corpus=os.environ.get('CORPUS_DIR', ''))
   c = config_lib.base_config(args)
   act = args.bits.split('-')[-1]
@@ -31,6 +33,12 @@ def get_config(arg=None):
   s = config_lib.stage
   c.stages.finetune = s('finetune', epochs=3.0, lr=5e-5)
   c.stages.init_student = s('init_student', num_layers=args.layers, hidden_size=args.hidden)
+  if args.width != 1.0:
+    config_lib.rule(c, 'stages.init_student.width', args.width,
+                    f'width={args.width:g}: the student keeps {args.width:g} x the attention heads '
+                    'and FFN neurons of each layer, the most important ones (DynaBERT), hidden '
+                    'size kept; split, the two binary planes of each encoder matrix hold the '
+                    'bits of one full-width plane')
   if not args.init:
     quick = args.preset == 'quick'
     config_lib.rule(c, 'stages.init_student.init', 'pretrained' if quick else 'random',

@@ -102,3 +102,26 @@ def test_stage_fields_build_the_objective():
   loss, terms = stage_loss(losses='stage1')  # the defaults: every weight 1, MSE attention
   assert set(terms) == {'attn', 'hidden'} and terms['attn'] != pytest.approx(kl, rel=1e-3)
   assert loss == pytest.approx(terms['attn'] + terms['hidden'], rel=1e-6)
+
+
+def test_a_narrow_student_head_is_compared_with_the_teacher_head_of_the_head_map():
+  """A student of 1 head per layer against CFG's 2: layer 0 learns teacher head 1, layer 1
+  head 0."""
+  narrow = CFG.replace(num_attention_heads=1, attention_head_size=8, intermediate_size=16)
+  student, teacher = init_params(narrow, rng=jax.random.PRNGKey(1)), init_params(CFG)
+  b = _batch()
+  s = BertModel(narrow).apply({'params': student}, b['input_ids'], b['attention_mask'])
+  t = BertModel(CFG).apply({'params': teacher}, b['input_ids'], b['attention_mask'])
+  head_map = ((1,), (0,))
+  for name, loss in losses.ATTENTION_LOSSES.items():
+    obj = objective_lib.Objective(('attn',), layer_map.uniform(2, 2), attn_loss=name,
+                                  head_map=head_map)
+    fn = objective_lib.make_loss_fn(BertModel(narrow), BertModel(CFG), obj, False)
+    _, (terms, _) = fn(student, {}, {}, b, teacher, jax.random.PRNGKey(0))
+    for i, (h,) in enumerate(head_map):
+      want = loss(s.attention_scores[i], t.attention_scores[i][:, [h]], b['attention_mask'],
+                  b['weights'])
+      other = loss(s.attention_scores[i], t.attention_scores[i][:, [1 - h]],
+                   b['attention_mask'], b['weights'])
+      assert float(terms[f'attn/{i}']) == pytest.approx(float(want), rel=1e-6), name
+      assert float(want) != pytest.approx(float(other), rel=1e-3)  # the map decides

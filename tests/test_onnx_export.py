@@ -239,6 +239,28 @@ def test_wider_codes_and_row_groups(tmp_path, name, groups):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_narrow_split_student_runs_in_onnx_runtime_as_in_jax(tmp_path):
+  """A half-width split student (1 head of TINY's size 16, half the FFN neurons, two binary
+  planes per weight): the graph reshapes heads x head size, not hidden_size."""
+  narrow = TINY.replace(num_attention_heads=1, attention_head_size=16, intermediate_size=24)
+  params, policy = split_params(random_params(narrow, policy_from_name('2-2-8'), seed=4),
+                                policy_from_name('2-2-8'))
+  packed = write.pack(narrow, params, policy, tmp_path / 'p', float_dtype='float32')
+  assert json.load(open(os.path.join(packed, 'config.json')))['attention_head_size'] == 16
+  onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o', precision='float64')
+  model = load_packed(packed, tokenizer=False, precision='float64')
+  assert model.config == narrow and model.policy.split
+  rng = np.random.default_rng(1)
+  for b, s in ((1, 7), (3, 40)):
+    batch = {'input_ids': rng.integers(0, TINY.vocab_size, (b, s)).astype(np.int32),
+             'attention_mask': np.ones((b, s), np.int32),
+             'token_type_ids': np.zeros((b, s), np.int32)}
+    batch['attention_mask'][0, s // 2:] = 0
+    want = np.asarray(model.logits(**batch))
+    got = _ort_logits(_session(os.path.join(onnx_dir, 'model.onnx')), batch)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_cli_exports_a_trained_student(tmp_path, minilm):
   """The CLI packs a student into model.onnx; ONNX Runtime predicts what JAX predicts from the
   student's packed directory (float64 float ops on both sides: equal to 1e-4)."""

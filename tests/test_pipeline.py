@@ -199,6 +199,51 @@ def test_multistage_runs_the_whole_left_pipeline(tmp_path, tiny_pretrained, glue
   assert 'hidden_proj' not in final.params
 
 
+def test_multistage_half_width_packs_a_split_student_of_narrow_matrices(
+    tmp_path, tiny_pretrained, glue, monkeypatch, caplog):
+  """width=0.5, with a stub trainer: the student keeps 2 of the 4 heads and 32 of the 64 FFN
+  neurons, hidden kept; every stage with an attention loss gets the head map, the split student
+  packs narrow matrices, and a resumed run reads the head map back from stage.json."""
+  calls = []
+
+  def stub(state, **kw):
+    calls.append((kw['name'], kw['objective']))
+    return state.replace(params=jax.tree.map(lambda x: x + 1, state.params)), None
+
+  monkeypatch.setattr(train, 'train', stub)
+  config = load_config('multistage', f'preset=smoke,pretrained={tiny_pretrained},init=pretrained,'
+                       'width=0.5')
+  config.task.glue_dir = glue
+  with caplog.at_level('INFO', logger='bitbert_jax'):
+    results = run(config, str(tmp_path))
+  final = results['final']['model_config']
+  assert (final['num_attention_heads'], final['attention_head_size'], final['intermediate_size'],
+          final['hidden_size']) == (2, 8, 32, 32)
+  stages = sorted(os.listdir(tmp_path / 'stages'))
+  _, info = pipeline.load_stage_output(str(tmp_path / 'stages' / stages[1]))
+  (heads,) = info['student_heads']
+  assert len(heads) == 2 and set(heads) <= {0, 1, 2, 3}
+  maps = {name: objective.head_map for name, objective in calls}
+  stage1 = ('general_kd', 'fp32_stage1', 'ternary_stage1', 'binary_stage1')
+  assert maps == {**{n: (tuple(heads),) for n in stage1},
+                  **{n: None for n in ('finetune', 'fp32_stage2', 'ternary_stage2',
+                                       'binary_stage2')}}
+  assert ('attention loss: each of the 2 student heads against one teacher head, as init_student '
+          f'recorded them (per layer: [{list(heads)}])') in caplog.text
+  last, _ = pipeline.load_stage_output(str(tmp_path / 'stages' / stages[-1]))
+  layer = last.params['encoder']['layer_0']
+  assert layer['attention']['query']['kernel'].shape == (2, 32, 16)
+  assert layer['attention']['output']['kernel'].shape == (2, 16, 32)
+  with open(tmp_path / 'packed' / 'config.json') as f:
+    assert json.load(f)['attention_head_size'] == 8
+  for name in stages[-2:]:  # binary_stage1 (attention loss) and binary_stage2 run again
+    shutil.rmtree(tmp_path / 'stages' / name)
+  calls.clear()
+  run(config, str(tmp_path))
+  assert [(n, o.head_map) for n, o in calls] == [('binary_stage1', (tuple(heads),)),
+                                                 ('binary_stage2', None)]
+
+
 def test_kd_logs_signals_both_lrs_and_per_layer_terms(xtc_run):
   _, workdir, _ = xtc_run
   rows = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]

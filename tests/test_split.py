@@ -307,3 +307,55 @@ def test_minilm_split_packed_equals_fake_on_mrpc(minilm, tmp_path):
     got = model.logits(batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
     np.testing.assert_allclose(np.asarray(got), np.asarray(fake(bparams, batch)), rtol=0,
                                atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A narrow (half-width) ternary model: BinaryBERT's route to the size of a 1-bit model.
+
+
+NARROW = TINY.replace(num_attention_heads=2, attention_head_size=16, intermediate_size=64)
+
+
+@pytest.mark.parametrize('groups', [1, 'row'])
+def test_narrow_model_split_equals_narrow_ternary(groups):
+  policy = policy_from_name('2-2-8', weight_groups=groups)
+  params = random_params(NARROW, policy, 3)
+  bparams, bpolicy = split_params(params, policy)
+  assert bparams['encoder']['layer_0']['attention']['query']['kernel'].shape == (2, 64, 32)
+  assert bparams['encoder']['layer_0']['attention']['output']['kernel'].shape == (2, 32, 64)
+  ids = jax.random.randint(jax.random.PRNGKey(4), (4, 24), 0, NARROW.vocab_size)
+  mask = jnp.ones_like(ids).at[:, 18:].set(0)
+  a = _logits(NARROW, policy, params, ids, mask)
+  b = _logits(NARROW, bpolicy, bparams, ids, mask)
+  np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+def test_narrow_split_packs_the_encoder_bits_of_a_full_width_one_bit_model(tmp_path):
+  """Half the heads and FFN neurons, two binary planes each: every encoder matrix stores the
+  bits of the full-width 1-bit (XTC) student's one plane, and one more scale per plane; the
+  split word embeddings keep their two planes (the ternary stage quantizes them to 2 bits)."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  ternary = policy_from_name('2-2-8')
+  bparams, bpolicy = split_params(random_params(NARROW, ternary, 5), ternary)
+  xtc = policy_from_name('1-1-8')
+  read = lambda d: load_file(os.path.join(d, 'weights.safetensors'))
+  narrow = read(write.pack(NARROW, bparams, bpolicy, tmp_path / 'narrow'))
+  full = read(write.pack(TINY, random_params(TINY, xtc, 6), xtc, tmp_path / 'full'))
+  matrices = [f'encoder/layer_{i}/{m}/kernel' for i in range(TINY.num_hidden_layers)
+              for m in ('attention/query', 'attention/key', 'attention/value',
+                        'attention/output', 'intermediate', 'output')]
+  for path in matrices:
+    codes, one = narrow[f'{path}_codes'], full[f'{path}_codes']
+    assert codes.shape[0] == 2 and codes.shape[1:] != one.shape, path  # two narrow planes
+    assert codes.nbytes == one.nbytes, path  # hold the bits of one full-width plane
+    assert narrow[f'{path}_scale'].size == 2 * full[f'{path}_scale'].size == 2
+  emb = tuple(f'embeddings/word_embeddings/embedding_{s}' for s in ('codes', 'scale'))
+  for name in emb:
+    assert narrow[name].nbytes == 2 * full[name].nbytes
+  # Every other tensor (biases, LayerNorms, ...) is at most as large as the full model's.
+  quantized = {f'{p}_{s}' for p in matrices for s in ('codes', 'scale')} | set(emb)
+  assert set(full) == set(narrow)
+  for name in set(narrow) - quantized:
+    assert narrow[name].nbytes <= full[name].nbytes, name
+  assert narrow['encoder/layer_0/intermediate/bias'].nbytes * 2 == full[
+      'encoder/layer_0/intermediate/bias'].nbytes

@@ -144,6 +144,60 @@ def test_init_student_pretrained_copies_the_state_it_receives(shared, tmp_path):
   assert state.model_config.num_labels == 0 and 'classifier' not in state.params
 
 
+def test_init_student_narrows_a_copy_to_its_most_important_heads_and_neurons(shared, tmp_path):
+  ctx, _ = context(shared, tmp_path, 'init_student', init='pretrained', width=0.5)
+  source = init_params(PRETRAINED, rng=jax.random.PRNGKey(3))
+  source['encoder']['layer_1']['attention']['output']['kernel'] *= np.repeat([1.0, 9.0], 4)[:, None]
+  state, record = stages.init_student(new_state(PRETRAINED, source), ctx)
+  cfg = state.model_config
+  assert (cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size) == (1, 4, 8)
+  assert record.student_layers == (1,) and record.student_heads == ((1,),)  # the larger head
+  np.testing.assert_array_equal(state.params['encoder']['layer_0']['attention']['query']['kernel'],
+                                source['encoder']['layer_1']['attention']['query']['kernel'][:, 4:])
+  # Random: a narrow student whose head h learns from the teacher's head h.
+  ctx, _ = context(shared, tmp_path, 'init_student', width=0.5)
+  state, record = run('init_student', None, dataclasses.replace(ctx, mesh=_mesh()))
+  assert state.model_config.num_attention_heads == 1 and record.student_heads == ((0,),)
+  assert state.model_config.intermediate_size == 16  # 0.5 x 4 x hidden_size 8
+
+
+def test_init_student_taylor_keeps_the_heads_the_distillation_loss_needs_most(shared, tmp_path):
+  """importance=taylor: the head whose mask moves the Stage-I loss against the teacher most."""
+  ctx, _ = context(shared, tmp_path, 'init_student', init='pretrained', width=0.5,
+                   importance='taylor', importance_batches=2)
+  source = init_params(PRETRAINED, rng=jax.random.PRNGKey(3))
+  silent = jax.tree.map(np.array, source)  # head 1 of layer 1 (the copied one) reads nothing
+  silent['encoder']['layer_1']['attention']['output']['kernel'][4:] = 0
+  _, record = stages.init_student(new_state(PRETRAINED, silent), ctx)
+  assert record.student_heads == ((0,),)
+  silent = jax.tree.map(np.array, source)
+  silent['encoder']['layer_1']['attention']['output']['kernel'][:4] = 0
+  state, record = stages.init_student(new_state(PRETRAINED, silent), ctx)
+  assert record.student_heads == ((1,),) and state.model_config.num_attention_heads == 1
+  with pytest.raises(BitbertError, match='importance=taylor measures the Stage-I loss against '
+                                         'the fine-tuned teacher'):
+    stages.init_student(new_state(PRETRAINED, source), dataclasses.replace(ctx, teacher=None))
+
+
+def test_kd_compares_each_narrow_head_with_the_teacher_head_it_was_kept_from(shared, tmp_path,
+                                                                             caplog):
+  narrow = shared['teacher'].config.replace(num_hidden_layers=1, num_attention_heads=1,
+                                            attention_head_size=4)
+  student = new_state(narrow, init_params(narrow))
+  for kind in ('task_kd', 'general_kd'):
+    ctx, trainer = context(shared, tmp_path, kind, steps_per_epoch=1, batch_size=2)
+    with pytest.raises(BitbertError, match='no record of which teacher heads it was kept from'):
+      run(kind, student, ctx)
+    with caplog.at_level('INFO'):
+      run(kind, student, dataclasses.replace(ctx, student_heads=((1,),)))
+    assert trainer.calls[-1]['objective'].head_map == ((1,),)
+    assert 'attention loss: each of the 1 student heads against one teacher head, as ' \
+           'init_student recorded them (per layer: [[1]])' in caplog.text
+  ctx, trainer = context(shared, tmp_path, 'task_kd', losses='stage2')  # no attention loss
+  run('task_kd', student, ctx)
+  assert trainer.calls[-1]['objective'].head_map is None
+
+
 def test_reduce_layers_copies_the_teachers_layers_and_head(shared, tmp_path):
   ctx, _ = context(shared, tmp_path, 'reduce_layers', layers=[0])
   teacher = _marked(shared['teacher'].config)

@@ -62,6 +62,11 @@ CASES = [  # (config, field path, bad value, the message)
     (multistage, 'stages.init_student.init', 'copy', r"config.stages.init_student.init='copy': "
      'valid: random, pretrained'),
     (multistage, 'stages.init_student.hidden_size', -8, r'config.stages.init_student.hidden_size'),
+    (multistage, 'stages.init_student.width', 1.5, r'config.stages.init_student.width=1.5: need '
+     r'a fraction in \(0, 1\]'),
+    (multistage, 'stages.init_student.heads', -1, r'config.stages.init_student.heads=-1'),
+    (multistage, 'stages.init_student.importance', 'random', r"config.stages.init_student."
+     r"importance='random': valid: magnitude, taylor"),
     (multistage, 'stages.general_kd.steps_per_epoch', 0, r'config.stages.general_kd.'
      'steps_per_epoch=0: need an integer >= 1'),
     (multistage, 'stages.general_kd.wrap_corpus', 'yes', r'config.stages.general_kd.wrap_corpus'),
@@ -150,6 +155,32 @@ def test_init_student_fit_follows_the_stages_own_student():
   with pytest.raises(BitbertError, match=r'config.stages.x.hidden_size=30: not a multiple of '
                      r"the teacher's 4 attention heads"):
     _fit('init_student', _models(), hidden_size=30)
+
+
+def test_init_student_fit_narrows_to_its_width():
+  m = _fit('init_student', _models(), init='pretrained', width=0.5)
+  assert (m.student.num_attention_heads, m.student.head_dim, m.student.intermediate_size,
+          m.student.hidden_size) == (2, 8, 32, 32)
+  _fit('task_kd', m)  # 2 student heads learn from 2 of the teacher's 4
+  m = _fit('init_student', _models(), width=0.5)  # random: width x 4 x hidden_size neurons
+  assert (m.student.num_attention_heads, m.student.intermediate_size) == (2, 64)
+  m = _fit('init_student', _models(), init='pretrained', heads=1, intermediate_size=16)
+  assert (m.student.num_attention_heads, m.student.intermediate_size) == (1, 16)
+  with pytest.raises(BitbertError, match=r'config.stages.x.importance=taylor: the teacher \(32 '
+                     r'wide, 2 heads\) and the copied student \(32 wide, 4 heads\) do not compare'):
+    _fit('init_student', _models(teacher=BASE.replace(num_labels=2, num_attention_heads=2,
+                                                      attention_head_size=8)),
+         init='pretrained', width=0.5, importance='taylor')
+  with pytest.raises(BitbertError, match=r"config.stages.x.heads=5: more attention heads than "
+                     r"the teacher's 4; valid: 1..4"):
+    _fit('init_student', _models(), heads=5)
+  with pytest.raises(BitbertError, match=r'config.stages.x.intermediate_size=65: init=pretrained '
+                     r"copies config.pretrained's layers, so the student keeps at most its 64"):
+    _fit('init_student', _models(), init='pretrained', intermediate_size=65)
+  with pytest.raises(BitbertError, match=r'the student has 4 attention heads but its teacher '
+                     r'config.teacher has 2'):
+    _fit('task_kd', _fit('init_student', _models(teacher=BASE.replace(
+        num_labels=2, num_attention_heads=2, attention_head_size=8)), init='pretrained'))
 
 
 def test_reduce_layers_fit_names_the_teacher():

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 
 from bitbert_jax.distill import losses
 
@@ -23,12 +24,15 @@ class Objective:
   """Which losses a stage sums: 'label' (gold labels, fine-tuning only), 'pred' (teacher
   logits), 'attn' (attention scores), 'hidden' (hidden states); each times its entry of
   `weights` ((name, weight) pairs; 1 if absent). attn_loss: 'mse' of the pre-softmax scores or
-  'kl' of the probabilities (`losses.ATTENTION_LOSSES`)."""
+  'kl' of the probabilities (`losses.ATTENTION_LOSSES`). head_map: for a student with fewer
+  heads than its teacher, per student layer the teacher head each of its heads is compared with
+  (None: head h with head h)."""
   losses: tuple[str, ...]
   layer_map: Any = None
   temperature: float = 1.0
   weights: tuple[tuple[str, float], ...] = ()
   attn_loss: str = 'mse'
+  head_map: tuple[tuple[int, ...], ...] | None = None
 
   def weight(self, term):
     return dict(self.weights).get(term, 1.0)
@@ -63,8 +67,9 @@ def make_loss_fn(student, teacher_model, objective, is_regression):
       if 'attn' in objective.losses:
         attention_loss = losses.ATTENTION_LOSSES[objective.attn_loss]
         terms.update(_per_layer('attn', [
-            attention_loss(s, t.attention_scores[j], mask, w)
-            for s, j in zip(out.attention_scores, lmap.attention)]))
+            attention_loss(s, _teacher_heads(t.attention_scores[j], objective.head_map, i),
+                           mask, w)
+            for i, (s, j) in enumerate(zip(out.attention_scores, lmap.attention))]))
       if 'hidden' in objective.losses:
         proj = aux_params.get('hidden_proj') if aux_params else None
         terms.update(_per_layer('hidden', [losses.hidden_mse(s, t.hidden_states[j], w, proj)
@@ -74,6 +79,11 @@ def make_loss_fn(student, teacher_model, objective, is_regression):
     return loss, (terms, new_model_state)
 
   return loss_fn
+
+
+def _teacher_heads(scores, head_map, i):
+  """The teacher's scores [B, N, S, S] of the heads student layer i is compared with."""
+  return scores if head_map is None else scores[:, np.asarray(head_map[i])]
 
 
 def _per_layer(name, values):

@@ -23,6 +23,7 @@ LOSS_SETS = {'stage1': ('attn', 'hidden'), 'stage2': ('pred',), 'all': ('pred', 
 DATA = ('task', 'augmented')
 FP32 = '32-32-32'  # the bits of an unquantized model
 INITS = ('random', 'pretrained')
+IMPORTANCE = ('magnitude', 'taylor')  # how init_student ranks heads and neurons (narrow.py)
 
 
 def _training_fields():
@@ -190,6 +191,16 @@ def _check_init_student(config, name, before, data_parallel):
                    ' (0: 4 x hidden_size)')
   checks.check_choice(s.init, f'{field}.init', INITS)
   check_layer_list(s.layers or [], f'{field}.layers')
+  check_width(s.width, f'{field}.width')
+  checks.check_int(s.heads or 0, f'{field}.heads', 0, " (0: width x the teacher's)")
+  checks.check_choice(s.importance, f'{field}.importance', IMPORTANCE)
+  checks.check_int(s.importance_batches, f'{field}.importance_batches', 1)
+
+
+def check_width(width, field):
+  if not checks.is_number(width) or not 0 < width <= 1:
+    raise BitbertError(f'{field}={width!r}: need a fraction in (0, 1] of the heads and FFN '
+                       'neurons (1: full width)')
 
 
 def policy(bits, quant):
@@ -233,19 +244,51 @@ def _check_augment(config, name, before, data_parallel):
 # The students the constructors build, and the fit of each distillation pair.
 
 
+def _scaled(width, n):
+  return max(1, int(round(width * n)))
+
+
 def student_config(s, field, base, model=None):
   """init_student's student: `s.num_layers` deep (default: half of `base`, so that the uniform
-  layer map applies), `s.hidden_size` wide (default `base`'s), with `base`'s attention heads,
-  headless; `model`: config.model (dtype, remat; None: `base`'s)."""
+  layer map applies), `s.hidden_size` wide (default `base`'s), with `s.heads` attention heads
+  (default: `s.width` x `base`'s) of size hidden_size / `base`'s heads and `s.intermediate_size`
+  FFN neurons (default: `s.width` x 4 x hidden_size), headless; `model`: config.model (dtype,
+  remat; None: `base`'s)."""
   hidden = s.hidden_size or base.hidden_size
   if hidden % base.num_attention_heads:  # the attention loss needs the teacher's head count
     raise BitbertError(f'{field}.hidden_size={hidden}: not a multiple of the teacher\'s '
                        f'{base.num_attention_heads} attention heads')
   depth = s.num_layers or max(1, base.num_hidden_layers // 2)
   model = model or base
-  return base.replace(num_hidden_layers=depth, hidden_size=hidden,
-                      intermediate_size=s.intermediate_size or 4 * hidden, num_labels=0,
-                      label_names=(), dtype=model.dtype, remat=model.remat)
+  head_size = base.head_dim if hidden == base.hidden_size else hidden // base.num_attention_heads
+  heads = _student_heads(s, field, base)
+  return base.replace(num_hidden_layers=depth, hidden_size=hidden, num_attention_heads=heads,
+                      attention_head_size=head_size,
+                      intermediate_size=s.intermediate_size or _scaled(s.width, 4 * hidden),
+                      num_labels=0, label_names=(), dtype=model.dtype, remat=model.remat)
+
+
+def _student_heads(s, field, base):
+  """`s.heads`, else `s.width` x `base`'s heads; never more than `base` has (each student head
+  learns the attention of one of its heads)."""
+  heads = s.heads or _scaled(s.width, base.num_attention_heads)
+  if heads > base.num_attention_heads:
+    raise BitbertError(f'{field}.heads={heads}: more attention heads than the teacher\'s '
+                       f'{base.num_attention_heads}; valid: 1..{base.num_attention_heads} (0: '
+                       'width x the teacher\'s)')
+  return heads
+
+
+def narrow_width(s, field, base):
+  """(heads, FFN neurons) a student copied from `base` keeps: `s.heads` and
+  `s.intermediate_size`, else `s.width` x `base`'s."""
+  neurons = s.intermediate_size or _scaled(s.width, base.intermediate_size)
+  if neurons > base.intermediate_size:
+    raise BitbertError(f'{field}.intermediate_size={neurons}: init=pretrained copies '
+                       f'config.pretrained\'s layers, so the student keeps at most its '
+                       f'{base.intermediate_size} FFN neurons; valid: 1..'
+                       f'{base.intermediate_size} (0: width x its), or init=random')
+  return _student_heads(s, field, base), neurons
 
 
 def copied_layers(s, field, num_layers, depth, source_field):
@@ -288,17 +331,33 @@ def _fit_init_student(s, field, m):
   student = student_config(s, field, base)
   if s.init == 'random':
     return dataclasses.replace(m, student=student, student_layers=None)
-  for key, have in (('hidden_size', student.hidden_size),
-                    ('intermediate_size', s.intermediate_size)):
-    want = getattr(base, key)
-    if have and have != want:
-      raise BitbertError(f'{field}.{key}={have}: init=pretrained copies config.pretrained\'s '
-                         f'layers, so the student keeps its {key} {want}; valid: 0 or {want}, '
-                         'or init=random')
+  if student.hidden_size != base.hidden_size:
+    raise BitbertError(f'{field}.hidden_size={student.hidden_size}: init=pretrained copies '
+                       f'config.pretrained\'s layers, so the student keeps its hidden_size '
+                       f'{base.hidden_size}; valid: 0 or {base.hidden_size}, or init=random')
   layers = copied_layers(s, field, student.num_hidden_layers, base.num_hidden_layers,
                          'config.pretrained')
-  return dataclasses.replace(m, student=base.replace(num_hidden_layers=len(layers)),
-                             student_layers=layers)
+  from bitbert_jax.distill import narrow  # pylint: disable=g-import-not-at-top
+  heads, neurons = narrow_width(s, field, base)
+  narrowing = (heads, neurons) != (base.num_attention_heads, base.intermediate_size)
+  if narrowing and s.importance == 'taylor':
+    check_taylor_teacher(m.teacher, base, field)
+  copied = narrow.narrow_config(base.replace(num_hidden_layers=len(layers)), heads, neurons)
+  return dataclasses.replace(m, student=copied, student_layers=layers)
+
+
+def check_taylor_teacher(teacher, student, field):
+  """importance=taylor compares the copied student with the fine-tuned teacher head for head."""
+  if teacher is None:
+    raise BitbertError(f'{field}.importance=taylor measures the Stage-I loss against the '
+                       'fine-tuned teacher on task data, which are not loaded; valid: '
+                       'config.teacher or a finetune stage before it, or importance=magnitude')
+  t = teacher
+  if (t.hidden_size, t.num_attention_heads) != (student.hidden_size, student.num_attention_heads):
+    raise BitbertError(f'{field}.importance=taylor: the teacher ({t.hidden_size} wide, '
+                       f'{t.num_attention_heads} heads) and the copied student '
+                       f'({student.hidden_size} wide, {student.num_attention_heads} heads) do not '
+                       'compare head for head; valid: importance=magnitude')
 
 
 def _fit_reduce_layers(s, field, m):
@@ -326,11 +385,11 @@ def check_pair(student, teacher, teacher_field, s, field, student_layers):
     raise BitbertError(f'{field}: the student (hidden_size {student.hidden_size}) is wider than '
                        f'its teacher {teacher_field} (hidden_size {teacher.hidden_size}); '
                        f'valid: a student hidden_size <= {teacher.hidden_size}')
-  if student.num_attention_heads != teacher.num_attention_heads:
+  if student.num_attention_heads > teacher.num_attention_heads:
     raise BitbertError(f'{field}: the student has {student.num_attention_heads} attention heads '
                        f'but its teacher {teacher_field} has {teacher.num_attention_heads}; the '
-                       'attention loss needs equal head counts (a checkpoint of another model '
-                       'size?)')
+                       'attention loss compares each student head with one of the teacher\'s '
+                       '(a checkpoint of another model size?)')
   layers = list(s.get('layers') or student_layers or [])
   depth, mine = teacher.num_hidden_layers, student.num_hidden_layers
   if layers:
@@ -347,10 +406,15 @@ def check_pair(student, teacher, teacher_field, s, field, student_layers):
 KINDS = {
     'finetune': Kind(_training_fields, _check_training, trains=True, uses=('pretrained',),
                      makes_teacher=True, bits=_fp32),
-    # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, same width);
-    # num_layers/hidden_size/intermediate_size 0: half the depth, the width, 4 x hidden_size.
+    # init: 'random' (TinyBERT) or 'pretrained' (copy `layers` of config.pretrained, its hidden
+    # size); num_layers/hidden_size/intermediate_size 0: half the depth, the hidden size, width x
+    # 4 x hidden_size (pretrained: width x its FFN neurons).
+    # width: DynaBERT's multiplier of the heads and FFN neurons (hidden kept); heads 0: width x
+    # the pre-trained model's; importance: how a copied student picks what it keeps
+    # (narrow.IMPORTANCE), measured over importance_batches task batches for 'taylor'.
     'init_student': Kind(lambda: dict(num_layers=0, hidden_size=0, intermediate_size=0,
-                                      init='random', layers=[]),
+                                      init='random', layers=[], width=1.0, heads=0,
+                                      importance='magnitude', importance_batches=4),
                          _check_init_student, _fit_init_student, uses=('pretrained',),
                          bits=_fp32),
     # layers: the teacher layers the student copies ([] = the XTC default for num_layers, 0: all).

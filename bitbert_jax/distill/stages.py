@@ -8,6 +8,8 @@ next stage's context (`fold`). A stage's config side (fields, defaults, checks) 
 `stage_config.KINDS[kind]`; its run side is `STAGES[kind]`.
 """
 import dataclasses
+import itertools
+import logging
 import os
 import shutil
 from typing import Any, Callable
@@ -21,11 +23,15 @@ from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
 from bitbert_jax.distill import layer_map as layer_map_lib
+from bitbert_jax.distill import losses
+from bitbert_jax.distill import narrow as narrow_lib
 from bitbert_jax.distill import objective as objective_lib
 from bitbert_jax.distill import stage_config
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model import BertModel
 from bitbert_jax.train_state import adapt_params, init_variables, new_state, with_policy
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,9 @@ class StageContext:
   corpus: Callable | None = None  # corpus(batch_size, epoch, repeat) -> iterator of batches
   tokenizer_dir: str | None = None  # the run's tokenizer files (the teacher's HF export)
   student_layers: tuple[int, ...] | None = None  # teacher layers the student was built from
+  # per student layer, the teacher heads its heads were kept from (a student narrower than its
+  # teacher; None: the teacher's heads)
+  student_heads: tuple[tuple[int, ...], ...] | None = None
   augmented: Any = None  # EncodedSplit of the augment stage before, if any
 
 
@@ -55,11 +64,12 @@ class StageRecord:
   CARRIED fields, when set, replace the context's for the stages after it."""
   dev: dict | None = None
   student_layers: tuple[int, ...] | None = None
+  student_heads: tuple[tuple[int, ...], ...] | None = None
   augmented: Any = None
   teacher: objective_lib.Teacher | None = None
 
 
-CARRIED = ('student_layers', 'augmented', 'teacher')
+CARRIED = ('student_layers', 'student_heads', 'augmented', 'teacher')
 
 
 def fold(ctx, record):
@@ -173,16 +183,47 @@ def init_student(state, ctx):
   of `stage_config.student_config` created already sharded (TinyBERT), or with `init:
   pretrained` a copy of some of its layers at its width, headless like the random one (a short
   general KD then starts from a working model instead of noise)."""
-  cfg = stage_config.student_config(ctx.stage, f'config.stages.{ctx.name}', state.model_config,
-                                    ctx.config.model)
+  field = f'config.stages.{ctx.name}'
+  cfg = stage_config.student_config(ctx.stage, field, state.model_config, ctx.config.model)
   if ctx.stage.init == 'pretrained':
-    return _copied_student(state, ctx, cfg.num_hidden_layers, False, 'config.pretrained')
+    student, record = _copied_student(state, ctx, cfg.num_hidden_layers, False,
+                                      'config.pretrained')
+    return _narrowed(student, record, ctx, field)
   model = BertModel(cfg)
   rng = jax.random.PRNGKey(ctx.config.seed)
   abstract = jax.eval_shape(lambda r: init_variables(model, r)['params'], rng)
   shardings = sharding.param_shardings(ctx.mesh, model, abstract)
   params = jax.jit(lambda r: init_variables(model, r)['params'], out_shardings=shardings)(rng)
-  return new_state(cfg, params, rng=rng), StageRecord()
+  heads = None
+  if cfg.num_attention_heads < state.model_config.num_attention_heads:
+    # A random head has no origin: head h learns from the teacher's head h.
+    heads = (tuple(range(cfg.num_attention_heads)),) * cfg.num_hidden_layers
+    log.info('[%s] narrow random student: %d of %d heads, %d FFN neurons; the attention loss '
+             'compares head h with the teacher\'s head h', ctx.name, cfg.num_attention_heads,
+             state.model_config.num_attention_heads, cfg.intermediate_size)
+  return new_state(cfg, params, rng=rng), StageRecord(student_heads=heads)
+
+
+def _narrowed(student, record, ctx, field):
+  """The copied student at the stage's width (`stage_config.narrow_width`): the heads and FFN
+  neurons of highest importance (`narrow`), and the head map of what it kept."""
+  full = student.model_config
+  heads, neurons = stage_config.narrow_width(ctx.stage, field, full)
+  if (heads, neurons) == (full.num_attention_heads, full.intermediate_size):
+    return student, record
+  params = jax.device_get(student.params)
+  if ctx.stage.importance == 'taylor':
+    scores = _taylor_scores(full, params, record.student_layers, ctx, field)
+  else:
+    scores = narrow_lib.magnitude_importance(full, params)
+  kept = narrow_lib.most_important(*scores, heads, neurons)
+  cfg, params = narrow_lib.narrow(full, params, kept)
+  log.info('[%s] narrow student: per layer the %d of %d heads and %d of %d FFN neurons of '
+           'highest %s importance; the attention loss compares each head with the teacher head '
+           'it was kept from (heads kept: %s)', ctx.name, heads, full.num_attention_heads,
+           neurons, full.intermediate_size, ctx.stage.importance, [list(h) for h in kept.heads])
+  return (new_state(cfg, params, rng=jax.random.PRNGKey(ctx.config.seed)),
+          dataclasses.replace(record, student_heads=kept.heads))
 
 
 def reduce_layers(state, ctx):
@@ -197,6 +238,55 @@ def _layer_map(ctx, student_cfg, teacher_cfg):
   if layers:
     return layer_map_lib.from_layers(list(layers), teacher_cfg.num_hidden_layers)
   return layer_map_lib.uniform(teacher_cfg.num_hidden_layers, student_cfg.num_hidden_layers)
+
+
+def _taylor_scores(cfg, params, layers, ctx, field):
+  """Taylor importance of the copied student's heads and neurons for its first task-KD
+  objective: the Stage-I losses (attention-score and hidden-state MSE) against the fine-tuned
+  teacher, dropout off, over `importance_batches` task batches (every host the same ones)."""
+  teacher = ctx.teacher
+  stage_config.check_taylor_teacher(None if ctx.data is None or teacher is None
+                                    else teacher.config, cfg, field)
+  t = teacher.config
+  lmap = layer_map_lib.from_layers(list(layers), t.num_hidden_layers)
+  exact = dict(dtype='float32', remat=False, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0)
+  teacher_model = BertModel(t.replace(**exact))
+
+  def loss_fn(forward, batch, params, teacher_params):
+    out = forward(params, batch)
+    ref = jax.lax.stop_gradient(teacher_model.apply(
+        {'params': teacher_params}, batch['input_ids'], batch['attention_mask'],
+        batch['token_type_ids']))
+    w, mask = batch['weights'], batch['attention_mask']
+    attn = sum(losses.attention_mse(s, ref.attention_scores[j], mask, w)
+               for s, j in zip(out.attention_scores, lmap.attention))
+    return attn + sum(losses.hidden_mse(s, ref.hidden_states[j], w)
+                      for s, j in zip(out.hidden_states, lmap.hidden))
+
+  batch_size = min(ctx.config.train.batch_size, len(ctx.data.train))
+  batches = itertools.islice(batching.epoch_batches(
+      ctx.data.train, batch_size, seed=ctx.config.seed, drop_remainder=True),
+      ctx.stage.importance_batches)
+  return narrow_lib.taylor_importance(BertModel(cfg.replace(**exact)), loss_fn, batches, params,
+                                      jax.device_get(teacher.params))
+
+
+def _head_map(ctx, student_cfg, teacher_cfg):
+  """Which teacher head each student head's attention is compared with: None (head h with head
+  h) at equal head counts, else the heads a narrow student was kept from (`student_heads`)."""
+  if student_cfg.num_attention_heads == teacher_cfg.num_attention_heads:
+    return None
+  heads = ctx.student_heads
+  if heads is None or len(heads) != student_cfg.num_hidden_layers:
+    raise BitbertError(f'config.stages.{ctx.name}: the student has '
+                       f'{student_cfg.num_attention_heads} attention heads, its teacher '
+                       f'{teacher_cfg.num_attention_heads}, and no record of which teacher heads '
+                       'it was kept from (an init_student stage with width < 1 makes one)')
+  log.info('[%s] attention loss: each of the %d student heads against one teacher head, as '
+           'init_student recorded them (per layer: %s)', ctx.name,
+           student_cfg.num_attention_heads, [list(h) for h in heads])
+  return heads
 
 
 def _with_projection(state, teacher_cfg, seed):
@@ -214,10 +304,9 @@ def _with_projection(state, teacher_cfg, seed):
 def general_kd(state, ctx):
   """Task-agnostic distillation from the pre-trained teacher over a text corpus (Stage-I losses)."""
   teacher = ctx.pretrained
-  if state.model_config.num_attention_heads != teacher.config.num_attention_heads:
-    raise BitbertError(f'config.stages.{ctx.name}: student and teacher need equal head counts')
   objective = objective_lib.Objective(stage_config.LOSS_SETS['stage1'],
-                                      _layer_map(ctx, state.model_config, teacher.config))
+                                      _layer_map(ctx, state.model_config, teacher.config),
+                                      head_map=_head_map(ctx, state.model_config, teacher.config))
   state = _with_projection(state, teacher.config, ctx.config.seed)
   sets = settings(ctx)
   batches = batching.StreamBatches(
@@ -236,9 +325,11 @@ def task_kd(state, ctx):
   state = attach_head(state, ctx.task, ctx.config.seed)
   st = ctx.stage
   weights = tuple((k, float(st[f'{k}_weight'])) for k in ('pred', 'attn', 'hidden'))
+  head_map = (_head_map(ctx, state.model_config, teacher.config)
+              if 'attn' in stage_config.LOSS_SETS[st.losses] else None)
   objective = objective_lib.Objective(stage_config.LOSS_SETS[st.losses],
                                       _layer_map(ctx, state.model_config, teacher.config),
-                                      st.temperature, weights, st.attn_loss)
+                                      st.temperature, weights, st.attn_loss, head_map)
   if 'hidden' in objective.losses:
     state = _with_projection(state, teacher.config, ctx.config.seed)
   state, dev = _train(state, ctx, objective, _task_batches(ctx), teacher)
@@ -287,8 +378,9 @@ def _from_teacher(state, ctx):
 def _resume(state, ctx, info):
   """The record of a completed stage, from its stage.json."""
   del state, ctx
-  layers = info.get('student_layers')
-  return StageRecord(dev=info.get('dev'), student_layers=tuple(layers) if layers else None)
+  layers, heads = info.get('student_layers'), info.get('student_heads')
+  return StageRecord(dev=info.get('dev'), student_layers=tuple(layers) if layers else None,
+                     student_heads=tuple(map(tuple, heads)) if heads else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,11 +80,12 @@ class BertAttention(nn.Module):
   def __call__(self, x, mask, deterministic, quant_mix=None):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     b, s, _ = x.shape
-    dense = lambda name, axes: QDense(cfg.hidden_size, self.policy, axes, dtype, name=name)
+    # heads x head size features (hidden_size unless the model is narrow); output maps back.
+    dense = lambda name, n, axes: QDense(n, self.policy, axes, dtype, name=name)
     split_heads = lambda t: t.reshape(b, s, cfg.num_attention_heads, cfg.head_dim)
-    q = split_heads(dense('query', ('embed', 'heads'))(x, quant_mix))
-    k = split_heads(dense('key', ('embed', 'heads'))(x, quant_mix))
-    v = split_heads(dense('value', ('embed', 'heads'))(x, quant_mix))
+    q = split_heads(dense('query', cfg.attention_width, ('embed', 'heads'))(x, quant_mix))
+    k = split_heads(dense('key', cfg.attention_width, ('embed', 'heads'))(x, quant_mix))
+    v = split_heads(dense('value', cfg.attention_width, ('embed', 'heads'))(x, quant_mix))
     f = float_dtype(cfg)
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(f) / jnp.sqrt(f(cfg.head_dim))
     # Padding keys get the most negative float32, as Hugging Face does, so probabilities match.
@@ -92,7 +93,7 @@ class BertAttention(nn.Module):
     probs = jax.nn.softmax(scores + bias, axis=-1)
     probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(dtype), v).reshape(b, s, -1)
-    out = dense('output', ('heads', 'embed'))(context, quant_mix)
+    out = dense('output', cfg.hidden_size, ('heads', 'embed'))(context, quant_mix)
     out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
     out = _layer_norm(cfg, 'LayerNorm')(out + x)
     return out.astype(dtype), scores

@@ -21,6 +21,9 @@ class BertConfig:
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
   intermediate_size: int = 3072
+  # 0: hidden_size // num_attention_heads (Hugging Face's rule); another size makes a narrow
+  # model (fewer heads than hidden_size / head size), which Hugging Face's BertModel cannot hold.
+  attention_head_size: int = 0
   hidden_act: str = 'gelu'
   hidden_dropout_prob: float = 0.1
   attention_probs_dropout_prob: float = 0.1
@@ -36,7 +39,13 @@ class BertConfig:
   remat: bool = False  # rematerialise each layer in the backward pass (memory for compute)
 
   def __post_init__(self):
-    if self.hidden_size % self.num_attention_heads:
+    size = self.attention_head_size
+    if not isinstance(size, int) or size < 0:
+      raise BitbertError(f'model config: attention_head_size {size!r}; need an integer >= 1 '
+                         '(0: hidden_size // num_attention_heads)')
+    if size and size * self.num_attention_heads == self.hidden_size:
+      object.__setattr__(self, 'attention_head_size', 0)  # the default, spelled one way
+    elif not size and self.hidden_size % self.num_attention_heads:
       raise BitbertError(f'model config: hidden_size {self.hidden_size} is not a multiple of '
                          f'num_attention_heads {self.num_attention_heads}')
     if self.hidden_act not in ACTIVATIONS:
@@ -50,7 +59,12 @@ class BertConfig:
 
   @property
   def head_dim(self):
-    return self.hidden_size // self.num_attention_heads
+    return self.attention_head_size or self.hidden_size // self.num_attention_heads
+
+  @property
+  def attention_width(self):
+    """Features of the query, key and value projections: heads x head size."""
+    return self.num_attention_heads * self.head_dim
 
   @property
   def is_regression(self):
@@ -60,7 +74,11 @@ class BertConfig:
     return dataclasses.replace(self, **kw)
 
   def to_dict(self):
-    return dataclasses.asdict(self)
+    """The fields; attention_head_size only when it is not the default (0)."""
+    d = dataclasses.asdict(self)
+    if not d['attention_head_size']:
+      del d['attention_head_size']
+    return d
 
   @classmethod
   def from_dict(cls, d):
@@ -91,6 +109,13 @@ class BertConfig:
 
   def to_hf_dict(self):
     """A config.json that transformers' BertForSequenceClassification (or BertModel) loads."""
+    if self.attention_head_size:
+      raise BitbertError(
+          f'model config: {self.num_attention_heads} attention heads of size '
+          f'{self.attention_head_size} ({self.attention_width} features, hidden_size '
+          f'{self.hidden_size}): Hugging Face\'s BertModel derives the head size as hidden_size / '
+          'num_attention_heads and cannot hold this narrow model; export it packed '
+          '(bitbert_jax.export) or as a saved student instead')
     skip = ('num_labels', 'label_names', 'problem_type', 'dtype', 'remat', 'classifier_dropout')
     hf = {k: v for k, v in self.to_dict().items() if k not in skip}
     hf.update(model_type='bert', position_embedding_type='absolute', initializer_range=0.02,

@@ -329,7 +329,7 @@ class _Model:
     scores = g.op('Div', [g.op('MatMul', [q, k], scope), g.real(np.sqrt(g.np_float(d)))], scope)
     probs = g.op('Softmax', [g.op('Add', [scores, mask_bias], scope)], scope, axis=-1)
     context = g.op('Transpose', [g.op('MatMul', [probs, v], scope)], scope, perm=[0, 2, 1, 3])
-    context = _reshape_tail(g, context, 2, [cfg.hidden_size], scope)
+    context = _reshape_tail(g, context, 2, [heads * d], scope)
     out = self.dense(context, f'{scope}/output')
     return self.layer_norm(g.op('Add', [out, x], scope), f'{scope}/LayerNorm')
 
