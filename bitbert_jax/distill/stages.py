@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitbert_jax import fs
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
@@ -131,22 +132,23 @@ def finetune(state, ctx):
 def _teacher_record(state, ctx, dev):
   teacher = objective_lib.Teacher(state.model_config, jax.device_get(state.params))
   if jax.process_index() == 0:
-    _export_hf(os.path.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
+    _export_hf(fs.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
   return StageRecord(dev=dev, teacher=teacher)
 
 
 def _export_hf(out_dir, teacher, tokenizer_dir):
   """The teacher for transformers (once: an existing export is kept)."""
   from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out_dir):
+  if fs.is_published(out_dir, hf.SAFETENSORS):  # a bucket's copy: its weights come last
     return
-  parent, stale = os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-'
-  os.makedirs(parent, exist_ok=True)
-  for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
-    if name.startswith(stale):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-  hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, out_dir,
-                        tokenizer_dir=tokenizer_dir)
+  with fs.published(out_dir, hf.SAFETENSORS) as local:
+    parent, stale = os.path.dirname(local), f'.{os.path.basename(local)}.tmp-'
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
+      if name.startswith(stale):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, local,
+                          tokenizer_dir=tokenizer_dir)
 
 
 def _copied_student(state, ctx, num_layers, keep_head, source_field):
