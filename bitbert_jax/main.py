@@ -107,7 +107,7 @@ def _export(config, workdir, state, tokenizer_dir, results):
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets'):
+  for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets', 'gcsfs', 'fsspec'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from bitbert_jax import preempt  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
