@@ -111,7 +111,10 @@ def _tensorboard(directory):
     return None
   try:
     return SummaryWriter(directory)
-  except ImportError as e:  # tensorboardX's gs:// writer needs google-cloud-storage
+  except Exception as e:  # pylint: disable=broad-except
+    if not fs.is_uri(directory):
+      raise
+    # gs:// needs google-cloud-storage and credentials; TensorBoard is not worth the run.
     local = tempfile.mkdtemp(prefix='bitbert_tensorboard_')
     log.warning('TensorBoard cannot write %s (%s): its event files go to %s on this host',
                 directory, e, local)

@@ -9,6 +9,7 @@ with real credentials.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 
 from bitbert_jax import fs
 from bitbert_jax import lease as lease_lib
+from bitbert_jax import logs
 from bitbert_jax import paths
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
@@ -188,6 +190,50 @@ def test_a_bucket_run_failing_before_commit_leaves_no_file(emulator):
   assert fs.files(workdir) == ['keep.txt']
 
 
+def test_a_missing_bucket_is_one_clear_error(emulator):
+  with pytest.raises(BitbertError, match='--workdir gs://no-such-bucket/run: cannot create or '
+                     'lock it'):
+    with workdir_lib.Claim('gs://no-such-bucket/run'):
+      pass
+
+
+# --- metrics.jsonl and TensorBoard in a bucket ----------------------------------------------------
+
+def test_bucket_metrics_are_rewritten_whole_and_rewound(emulator, monkeypatch):
+  # tensorboardX uploads its events again when collected, after the emulator: none here.
+  monkeypatch.setattr(logs, '_tensorboard', lambda directory: None)
+  workdir = f'gs://{BUCKET}/metrics'
+  writer = logs.MetricsWriter(workdir, enabled=True)
+  for step in (1, 2, 3):
+    writer.write('a', step, {'loss': float(step)})
+  writer.rewind('a', 1)  # a resumed stage drops the rows after its checkpoint
+  writer.write('a', 2, {'loss': 5.0})
+  writer.close()
+  writer = logs.MetricsWriter(workdir, enabled=True)  # a re-run keeps the rows before it
+  writer.write('b', 1, {'loss': 7.0})
+  writer.close()
+  rows = [json.loads(l) for l in fs.read_text(fs.join(workdir, 'metrics.jsonl')).splitlines()]
+  assert [(r['stage'], r['step'], r['loss']) for r in rows] == [('a', 1, 1.0), ('a', 2, 5.0),
+                                                                ('b', 1, 7.0)]
+
+
+def test_tensorboard_without_a_gcs_client_writes_locally_and_says_so(emulator, monkeypatch,
+                                                                      caplog):
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+
+  def no_client(self, path):
+    raise ImportError("`google-cloud-storage` must be installed in order to use the 'gs://' "
+                      'protocol')
+  monkeypatch.setattr(record_writer.GCSRecordWriterFactory, 'open', no_client)
+  writer = logs.MetricsWriter(f'gs://{BUCKET}/tb', enabled=True)
+  writer.write('a', 1, {'loss': 1.0})
+  writer.close()
+  found = re.search(r'TensorBoard cannot write gs://\S+/tb/tensorboard \(.*\): its event files '
+                    r'go to (\S+) on this host', caplog.text)
+  assert found and os.listdir(found.group(1)), caplog.text
+  assert not fs.exists(f'gs://{BUCKET}/tb/tensorboard')
+
+
 # --- the pipeline in a bucket ----------------------------------------------------------------------
 
 def _run(env, flags, workdir):
@@ -231,6 +277,7 @@ def test_a_bucket_run_writes_its_files_there(bucket_run):
     out = fs.join(workdir, 'stages', stage, 'output')
     assert {'stage.json', 'bitbert_manifest.json'} <= set(fs.listdir(out))
   assert fs.exists(fs.join(workdir, 'stages', '00_finetune', 'hf', 'model.safetensors'))
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # no local folder named after the scheme
   assert fs.files(fs.join(workdir, 'tensorboard'))  # event files in the bucket too
 
 
