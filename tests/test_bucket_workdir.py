@@ -49,6 +49,22 @@ def _reset_clients():
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
 
 
+def _serve(url, proc):
+  """Waits for the emulator to answer, then makes the test bucket."""
+  deadline = time.monotonic() + 20
+  while True:
+    try:
+      urllib.request.urlopen(url + '/storage/v1/b', timeout=1)
+      break
+    except OSError:
+      if time.monotonic() > deadline or proc.poll() is not None:
+        raise
+      time.sleep(0.05)
+  urllib.request.urlopen(urllib.request.Request(
+      url + '/storage/v1/b?project=test', data=json.dumps({'name': BUCKET}).encode(),
+      headers={'Content-Type': 'application/json'}, method='POST'), timeout=10)
+
+
 @pytest.fixture(scope='module')
 def emulator():
   """The emulator's environment (also set in this process while the module runs)."""
@@ -60,30 +76,15 @@ def emulator():
                            '-log-level', 'error'],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    deadline = time.monotonic() + 20
-    while True:
-      try:
-        urllib.request.urlopen(url + '/storage/v1/b', timeout=1)
-        break
-      except OSError:
-        if time.monotonic() > deadline or proc.poll() is not None:
-          raise
-        time.sleep(0.05)
-    urllib.request.urlopen(urllib.request.Request(
-        url + '/storage/v1/b?project=test', data=json.dumps({'name': BUCKET}).encode(),
-        headers={'Content-Type': 'application/json'}, method='POST'), timeout=10)
+    _serve(url, proc)
     env = {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
            'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'test', 'GOOGLE_CLOUD_PROJECT': 'test'}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _reset_clients()
-    yield env
+    with pytest.MonkeyPatch.context() as patch:
+      for k, v in env.items():
+        patch.setenv(k, v)
+      _reset_clients()
+      yield env
   finally:
-    for k, v in locals().get('before', {}).items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
     proc.terminate()
     try:
       proc.wait(10)
