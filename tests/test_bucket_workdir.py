@@ -16,8 +16,10 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
+from bitbert_jax import checkpoint as ckpt_lib
 from bitbert_jax import fs
 from bitbert_jax import lease as lease_lib
 from bitbert_jax import logs
@@ -196,6 +198,28 @@ def test_a_missing_bucket_is_one_clear_error(emulator):
                      'lock it'):
     with workdir_lib.Claim('gs://no-such-bucket/run'):
       pass
+
+
+# --- checkpoints in a bucket ------------------------------------------------------------------
+
+def test_a_damaged_bucket_checkpoint_is_deleted_and_the_previous_one_restored(emulator, caplog):
+  directory = f'gs://{BUCKET}/checkpoints'
+  tree = lambda v: {'a': np.full((4, 8), v, np.float32)}
+  ckpts = ckpt_lib.StageCheckpoints(directory, keep=2)
+  for step in (1, 2):
+    assert ckpts.save(step, tree(float(step)), {'step': step})
+  ckpts.close()
+  step_dir = fs.join(directory, '2')
+  recorded = json.loads(fs.read_text(fs.join(step_dir, ckpt_lib.MANIFEST)))['files']
+  largest = max(recorded, key=lambda rel: recorded[rel][0])  # an array data file
+  fs.remove(fs.join(step_dir, largest))
+  ckpts = ckpt_lib.StageCheckpoints(directory, keep=2)
+  restored, meta = ckpts.restore_latest(ckpt_lib.abstract_like(tree(0.0)))
+  assert meta == {'step': 1} and ckpts.all_steps() == [1]
+  ckpts.close()
+  assert np.array_equal(restored['a'], tree(1.0)['a'])
+  assert f'checkpoint {step_dir} is damaged: file {step_dir}/{largest} is missing' in caplog.text
+  assert not fs.exists(step_dir)
 
 
 # --- metrics.jsonl and TensorBoard in a bucket ----------------------------------------------------
