@@ -183,6 +183,24 @@ def test_a_stale_lease_is_taken_over(emulator, caplog):
   assert 'is taken for dead' in caplog.text
 
 
+def test_a_lease_is_refreshed_and_a_takeover_is_reported(emulator, monkeypatch, caplog):
+  monkeypatch.setattr(lease_lib, 'REFRESH_S', 0.2)
+  path = f'gs://{BUCKET}/refreshed/.lock'
+  read = lambda: json.loads(fs.read_text(path))
+  with lease_lib.Lease(path):
+    first = read()['refreshed']
+    deadline = time.monotonic() + 30
+    while read()['refreshed'] == first and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert read()['refreshed'] > first
+    fs.write_text(path, json.dumps({'host': 'h', 'pid': 2, 'run': 'other',
+                                    'refreshed': time.time()}))
+    while 'was taken over by another run' not in caplog.text and time.monotonic() < deadline:
+      time.sleep(0.1)
+  assert 'two runs may now write this workdir' in caplog.text
+  assert read()['run'] == 'other'  # another run's lease is left to it
+
+
 def test_a_bucket_run_failing_before_commit_leaves_no_file(emulator):
   workdir = f'gs://{BUCKET}/undone'
   fs.write_text(fs.join(workdir, 'keep.txt'), 'k')
