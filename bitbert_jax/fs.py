@@ -5,7 +5,7 @@ directories renamed into place). A URI goes through etils.epath, the layer Orbax
 checkpoints through (gcsfs, or TensorFlow's gfile where TensorFlow is installed). A bucket has
 no rename, no append and no lock, so: `write_text` is one object upload (an object appears whole
 or not at all), `published` uploads a finished local directory with its marker file last, and
-the claim of a bucket workdir is a lease object (workdir.py).
+the claim of a bucket workdir is a lease object (lease.py).
 """
 import contextlib
 import os
