@@ -9,14 +9,14 @@ warning that names what was wrong, and the previous one is used.
 """
 import json
 import logging
-import os
-import shutil
 import time
 import zlib
 
 import jax
 import orbax.checkpoint as ocp
 
+from bitbert_jax import fs
+from bitbert_jax import paths
 from bitbert_jax.errors import BitbertError
 
 log = logging.getLogger('bitbert_jax')
@@ -34,7 +34,7 @@ def abstract_like(tree, shardings=None):
 
 def _crc32(path):
   crc = 0
-  with open(path, 'rb') as f:
+  with fs.open_file(path, 'rb') as f:
     while chunk := f.read(_CHUNK):
       crc = zlib.crc32(chunk, crc)
   return crc
@@ -42,23 +42,15 @@ def _crc32(path):
 
 def _files(directory):
   """Relative paths of the files under `directory`, the manifest itself excluded."""
-  out = []
-  for root, _, names in os.walk(directory):
-    for n in names:
-      rel = os.path.relpath(os.path.join(root, n), directory)
-      if rel != MANIFEST:
-        out.append(rel)
-  return sorted(out)
+  return [rel for rel in fs.files(directory) if rel != MANIFEST]
 
 
 def write_manifest(directory):
   """Records size and CRC-32 of every file under `directory` (written atomically)."""
-  files = {rel: [os.path.getsize(os.path.join(directory, rel)),
-                 _crc32(os.path.join(directory, rel))] for rel in _files(directory)}
-  path = os.path.join(directory, MANIFEST)
-  with open(path + '.tmp', 'w') as f:
-    json.dump({'files': files}, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  files = {rel: [fs.getsize(fs.join(directory, rel)),
+                 _crc32(fs.join(directory, rel))] for rel in _files(directory)}
+  fs.write_text(fs.join(directory, MANIFEST),
+                json.dumps({'files': files}, indent=1, sort_keys=True))
 
 
 def verify_manifest(directory):
@@ -67,21 +59,20 @@ def verify_manifest(directory):
   A directory without a manifest (killed between the save and the manifest) passes: the save
   itself is atomic, and a restore error still counts as damage.
   """
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isdir(directory):
+  path = fs.join(directory, MANIFEST)
+  if not fs.isdir(directory):
     return f'{directory} is missing'
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return None
   try:
-    with open(path) as f:
-      files = json.load(f)['files']
+    files = json.loads(fs.read_text(path))['files']
   except (OSError, ValueError, KeyError) as e:
     return f'{path}: unreadable manifest ({type(e).__name__}: {e})'
   for rel, (size, crc) in sorted(files.items()):
-    file = os.path.join(directory, rel)
-    if not os.path.isfile(file):
+    file = fs.join(directory, rel)
+    if not fs.isfile(file):
       return f'file {file} is missing'
-    actual = os.path.getsize(file)
+    actual = fs.getsize(file)
     if actual != size:
       return f'file {file} has {actual} bytes, expected {size} (truncated or overwritten)'
     if _crc32(file) != crc:
@@ -95,7 +86,7 @@ class StageCheckpoints:
   def __init__(self, directory, keep=2, every_steps=0, every_secs=0.0):
     if keep < 1:
       raise BitbertError(f'config.train.keep_checkpoints={keep}: must be >= 1')
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)
     self.every_steps, self.every_secs = every_steps, every_secs
     self._last_time = time.time()
     # cleanup_tmp_directories: a save killed midway leaves an Orbax temp dir; remove it.
@@ -124,7 +115,7 @@ class StageCheckpoints:
     return True
 
   def _step_dir(self, step):
-    return os.path.join(self.directory, str(step))
+    return fs.join(self.directory, str(step))
 
   def restore_latest(self, abstract_tree, check_meta=None):
     """(tree, meta) of the newest intact checkpoint, or None.
@@ -136,8 +127,8 @@ class StageCheckpoints:
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
       where = self._step_dir(step)
-      if jax.process_index() == 0 and os.path.exists(os.path.join(where, MANIFEST + '.tmp')):
-        os.remove(os.path.join(where, MANIFEST + '.tmp'))  # killed while writing the manifest
+      if jax.process_index() == 0 and fs.exists(fs.join(where, MANIFEST + '.tmp')):
+        fs.remove(fs.join(where, MANIFEST + '.tmp'))  # killed while writing the manifest
       problem = verify_manifest(where)
       if problem is None:
         try:
@@ -154,7 +145,7 @@ class StageCheckpoints:
               state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
           return restored.state, restored.meta
         except Exception as e:  # pylint: disable=broad-except
-          if os.path.exists(os.path.join(where, MANIFEST)):  # intact files: another model
+          if fs.exists(fs.join(where, MANIFEST)):  # intact files: another model
             raise BitbertError(
                 f'checkpoint {where} does not fit this stage ({one_line(e)}); it was written '
                 f'with another config (model size, policy, task head): restore that config, '
@@ -173,7 +164,7 @@ class StageCheckpoints:
       self._manager.delete(step)  # every process calls it; Orbax deletes on the primary one
     except Exception:  # pylint: disable=broad-except
       if jax.process_index() == 0:
-        shutil.rmtree(self._step_dir(step), ignore_errors=True)
+        fs.rmtree(self._step_dir(step))
     self._manager.reload()
 
   def close(self):

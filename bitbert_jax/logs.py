@@ -2,11 +2,13 @@
 them; the reports of a non-finite step and of the step's memory needs."""
 import json
 import logging
-import os
+import tempfile
+import time
 
 import jax
 import numpy as np
 
+from bitbert_jax import fs
 from bitbert_jax import sharding
 from bitbert_jax.data import batching
 from bitbert_jax.errors import BitbertError
@@ -34,26 +36,38 @@ def _after(line, stage, step):
 
 
 class MetricsWriter:
-  """Appends `{"stage": ..., "step": ..., **metrics}` lines to workdir/metrics.jsonl."""
+  """Appends `{"stage": ..., "step": ..., **metrics}` lines to workdir/metrics.jsonl.
+
+  A bucket object cannot be appended to: in a bucket workdir the rows are kept here and the
+  object rewritten whole by `flush` (at most every FLUSH_S seconds, before each checkpoint and
+  at the end), so a resumed run finds every row up to its checkpoint.
+  """
+  FLUSH_S = 30.0
 
   def __init__(self, workdir, enabled=None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = fs.join(workdir, 'metrics.jsonl')
     self._tb = None
+    self._rows = None  # a bucket's rows: None for a local file, appended to as it goes
+    self._flushed = time.monotonic()
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:
-        log.warning('tensorboardX not installed: no TensorBoard event files')
+      fs.makedirs(workdir)
+      if fs.is_uri(workdir):
+        self._rows = (fs.read_text(self._path).splitlines(keepends=True)
+                      if fs.exists(self._path) else [])
+      self._tb = _tensorboard(fs.join(workdir, 'tensorboard'))
 
   def write(self, stage, step, metrics):
     if not self.enabled:
       return
     row = {'stage': stage, 'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    if self._rows is None:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    else:
+      self._rows.append(json.dumps(row) + '\n')
+      if time.monotonic() - self._flushed >= self.FLUSH_S:
+        self.flush()
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, float):
@@ -61,20 +75,50 @@ class MetricsWriter:
 
   def rewind(self, stage, step):
     """Drops `stage`'s rows after `step`: a resumed stage logs them again from its checkpoint."""
-    if not self.enabled or not os.path.exists(self._path):
+    if not self.enabled:
+      return
+    if self._rows is not None:
+      self._rows = [l for l in self._rows if not _after(l, stage, step)]
+      self.flush()
+      return
+    if not fs.exists(self._path):
       return
     with open(self._path) as f:
       lines = f.readlines()
     keep = [l for l in lines if not _after(l, stage, step)]
     if len(keep) < len(lines):
-      tmp = self._path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(keep)
-      os.replace(tmp, self._path)  # atomic: a kill mid-rewrite leaves the old file
+      fs.write_text(self._path, ''.join(keep))  # atomic: a kill mid-rewrite leaves the old file
+
+  def flush(self):
+    """Writes a bucket's rows (one object upload); a local file is appended to as rows come."""
+    if self.enabled and self._rows is not None:
+      fs.write_text(self._path, ''.join(self._rows))
+      self._flushed = time.monotonic()
 
   def close(self):
+    self.flush()
     if self._tb is not None:
       self._tb.close()
+
+
+def _tensorboard(directory):
+  """tensorboardX's writer of `directory`; it writes gs:// through google-cloud-storage (a
+  dependency of gcsfs), else its event files go to a local temp dir, said in one line."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    log.warning('tensorboardX not installed: no TensorBoard event files')
+    return None
+  try:
+    return SummaryWriter(directory)
+  except Exception as e:  # pylint: disable=broad-except
+    if not fs.is_uri(directory):
+      raise
+    # gs:// needs google-cloud-storage and credentials; TensorBoard is not worth the run.
+    local = tempfile.mkdtemp(prefix='bitbert_tensorboard_')
+    log.warning('TensorBoard cannot write %s (%s): its event files go to %s on this host',
+                directory, e, local)
+    return SummaryWriter(local)
 
 
 def console_metrics(m):

@@ -63,9 +63,6 @@ def run(config, workdir):
   from bitbert_jax import paths, pipeline, preempt, validate  # pylint: disable=g-import-not-at-top
   from bitbert_jax import progress  # pylint: disable=g-import-not-at-top
   from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  if '://' in workdir:  # os paths below would make gs://b/x a local folder 'gs:'
-    raise BitbertError(f'--workdir={workdir}: URI workdirs (gs://...) are not supported yet; '
-                       'give a local or mounted directory')
   workdir = paths.absolute(workdir)  # Orbax refuses relative paths; config.json records these
   paths.absolute_config(config)
   # Checks files too (a GLUE copy, a checkpoint), which one host may lack: all fail or none.
@@ -94,20 +91,23 @@ def run(config, workdir):
 
 def _export(config, workdir, state, tokenizer_dir, results):
   if config.export.packed and state.policy.enabled:
+    from bitbert_jax import fs  # pylint: disable=g-import-not-at-top
+    from bitbert_jax.packed import format as packed_format  # pylint: disable=g-import-not-at-top
     from bitbert_jax.packed import write  # pylint: disable=g-import-not-at-top
-    out = os.path.join(workdir, 'packed')
-    write.pack(state.model_config, state.params, state.policy, out, tokenizer_dir=tokenizer_dir,
-               float_dtype=config.export.float_dtype, model_state=state.model_state,
-               overwrite=True)
-    results['packed'] = write.size_report(out)
+    # A bucket's copy is packed locally, then uploaded with its manifest last.
+    with fs.published(fs.join(workdir, 'packed'), packed_format.MANIFEST) as out:
+      write.pack(state.model_config, state.params, state.policy, out,
+                 tokenizer_dir=tokenizer_dir, float_dtype=config.export.float_dtype,
+                 model_state=state.model_state, overwrite=True)
+      results['packed'] = write.size_report(out)
     from bitbert_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    workdir_lib.write_json(fs.join(workdir, 'results.json'), results)
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets'):
+  for noisy in ('absl', 'orbax', 'jax', 'httpx', 'datasets', 'gcsfs', 'fsspec'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from bitbert_jax import preempt  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

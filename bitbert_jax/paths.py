@@ -4,8 +4,11 @@ import os
 
 
 def absolute(path):
-  """`path` relative to the current directory made absolute, '~' expanded; '' stays ''."""
-  return os.path.abspath(os.path.expanduser(path)) if path else path
+  """`path` relative to the current directory made absolute, '~' expanded; '' and URIs
+  (gs://bucket/prefix, any scheme://) stay as they are."""
+  if not path or '://' in os.fspath(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
 
 
 def looks_local(path):

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from bitbert_jax import data as data_lib
 from bitbert_jax import distributed
+from bitbert_jax import fs
 from bitbert_jax import hf
 from bitbert_jax import logs
 from bitbert_jax import plan as plan_lib
@@ -128,11 +129,44 @@ def load_task_data(config, tokenizer_dir):
                                           for s, d in devs.items()}, raw_train=train), source
 
 
+def _save_params(directory, state):
+  with ocp.StandardCheckpointer() as c:  # collective: each process writes its own shards
+    c.save(fs.join(directory, 'params'), {'params': state.params,
+                                          'model_state': state.model_state})
+
+
+def _stage_json(state, info):
+  # The RNG travels to the next stage (e.g. quantize initialises scales from it).
+  rng = np.asarray(jax.device_get(state.rng)).tolist()
+  return json.dumps(info | {'model_config': state.model_config.to_dict(),
+                            'policy': state.policy.to_dict(), 'rng': rng}, indent=2,
+                    default=float)
+
+
+def _save_stage_in_bucket(stage_dir, state, info):
+  """A bucket has no directory rename: the output is written in place, its stage.json (what
+  marks a stage done) removed first and written last, after the params and the manifest."""
+  out, primary = fs.join(stage_dir, 'output'), jax.process_index() == 0
+  if primary:
+    fs.remove(fs.join(out, 'stage.json'))
+    fs.rmtree(out)  # a damaged output, or a save killed midway
+  distributed.sync('stage_save_start')  # nothing old is left before any process writes
+  try:
+    _save_params(out, state)
+    if primary:
+      ckpt_lib.write_manifest(out)
+      fs.write_text(fs.join(out, 'stage.json'), _stage_json(state, info))
+  finally:
+    distributed.sync('stage_save_done')  # no process goes on before the output is committed
+
+
 def _save_stage(stage_dir, state, info):
   """Writes a stage's output atomically: into a temp dir (with a manifest), then renamed.
 
   Every process calls it (Orbax saves are collective); process 0 alone writes the other files.
   """
+  if fs.is_uri(stage_dir):
+    return _save_stage_in_bucket(stage_dir, state, info)
   tmp = os.path.join(stage_dir, 'output.tmp')
   primary = jax.process_index() == 0
   if primary:
@@ -140,17 +174,11 @@ def _save_stage(stage_dir, state, info):
     os.makedirs(tmp)
   distributed.sync('stage_save_start')  # the temp dir exists before any process writes to it
   try:
-    with ocp.StandardCheckpointer() as c:  # collective: each process writes its own shards
-      c.save(os.path.join(tmp, 'params'), {'params': state.params,
-                                           'model_state': state.model_state})
+    _save_params(tmp, state)
     if not primary:
       return
-    # The RNG travels to the next stage (e.g. quantize initialises scales from it).
-    rng = np.asarray(distributed.fetch(state.rng)).tolist()
     with open(os.path.join(tmp, 'stage.json'), 'w') as f:
-      json.dump(info | {'model_config': state.model_config.to_dict(),
-                        'policy': state.policy.to_dict(), 'rng': rng}, f, indent=2,
-                default=float)
+      f.write(_stage_json(state, info))
     ckpt_lib.write_manifest(tmp)
     final, old = os.path.join(stage_dir, 'output'), os.path.join(stage_dir, 'output.old')
     if os.path.exists(final):  # a damaged output being replaced
@@ -166,17 +194,16 @@ def _save_stage(stage_dir, state, info):
 
 def load_stage_output(stage_dir):
   """(state, info) of a completed stage, or None (also when its output is damaged: re-run)."""
-  out = os.path.join(stage_dir, 'output')
-  path = os.path.join(out, 'stage.json')
-  if not os.path.exists(path):
+  out = fs.join(stage_dir, 'output')
+  path = fs.join(out, 'stage.json')
+  if not fs.exists(path):
     return None
   problem = ckpt_lib.verify_manifest(out)
   if problem is None:
     try:
-      with open(path) as f:
-        info = json.load(f)
+      info = json.loads(fs.read_text(path))
       with ocp.StandardCheckpointer() as c:
-        tree = c.restore(os.path.join(out, 'params'))
+        tree = c.restore(fs.join(out, 'params'))
       cfg = BertConfig.from_dict(info['model_config'])
       policy = QuantPolicy.from_dict(info['policy'])
     except Exception as e:  # pylint: disable=broad-except
@@ -247,12 +274,11 @@ def tokenizer_source(config):
 
 def write_config(config, workdir):
   """workdir/config.json (atomic); a different one from an earlier run is named in a warning."""
-  path = os.path.join(workdir, 'config.json')
+  path = fs.join(workdir, 'config.json')
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+  if fs.exists(path):
     try:
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(fs.read_text(path))
     except (OSError, ValueError):
       old = None
     changed = _changed_fields(old, new) if isinstance(old, dict) else ['(unreadable)']
@@ -281,6 +307,8 @@ def save_tokenizer(workdir, tokenizer_dir):
   that `python -m bitbert_jax.export --checkpoint=WORKDIR` carries them without flags.
   Returns the directory to read them from: workdir/tokenizer, else `tokenizer_dir` (a hub id:
   export falls back to the names in config.json)."""
+  if fs.is_uri(workdir):
+    return _save_tokenizer_to_bucket(workdir, tokenizer_dir)
   out = os.path.join(workdir, TOKENIZER)
   if os.path.isdir(out) or not (tokenizer_dir and os.path.isdir(tokenizer_dir)):
     return out if os.path.isdir(out) else tokenizer_dir
@@ -297,6 +325,18 @@ def save_tokenizer(workdir, tokenizer_dir):
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out
+
+
+def _save_tokenizer_to_bucket(workdir, tokenizer_dir):
+  """The bucket's copy is uploaded on every run (a few small files; there is no rename to
+  make it whole once); the run reads the local files it was copied from."""
+  if not (tokenizer_dir and os.path.isdir(tokenizer_dir)):
+    return tokenizer_dir
+  out = fs.join(workdir, TOKENIZER)
+  for name in packed_format.TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(tokenizer_dir, name)):
+      fs.upload(os.path.join(tokenizer_dir, name), fs.join(out, name))
+  return tokenizer_dir
 
 
 def execute(config, workdir, inputs):
@@ -328,7 +368,7 @@ def _execute(config, workdir, inputs, writer):
   for i, name in enumerate(names):
     kind = config.stages[name].kind
     stage = stages_lib.STAGES[kind]
-    stage_dir = os.path.join(workdir, 'stages', f'{i:02d}_{name}')
+    stage_dir = fs.join(workdir, 'stages', f'{i:02d}_{name}')
     ctx = dataclasses.replace(ctx, name=name, stage=frozen_section(config, name),
                               workdir=stage_dir)
     why = stage.skip(ctx)
@@ -358,6 +398,7 @@ def _execute(config, workdir, inputs, writer):
       if ctx.student_heads:  # and, for a narrow student, the teacher heads it was kept from
         info['student_heads'] = [list(h) for h in ctx.student_heads]
       state = _carry(state)
+      writer.flush()  # the stage's rows are kept before its output marks it done
       _save_stage(stage_dir, distributed.fetch(state), info)  # on every process: collective
       log.info('[%s] done in %.0fs; dev: %s', name, info['seconds'], record.dev or '-')
       run.stage_end(i, info['seconds'])
@@ -368,7 +409,7 @@ def _execute(config, workdir, inputs, writer):
   results['final'] = {'policy': state.policy.name, 'dev': _last_dev(results),
                       'model_config': state.model_config.to_dict()}
   if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, 'results.json'), results)
+    workdir_lib.write_json(fs.join(workdir, 'results.json'), results)
   return results, state
 
 

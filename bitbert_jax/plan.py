@@ -5,9 +5,9 @@ steps, where it can be; nothing is written.
 """
 import dataclasses
 import math
-import os
 
 from bitbert_jax import config_lib
+from bitbert_jax import fs
 from bitbert_jax import validate
 from bitbert_jax.distill import stage_config
 
@@ -106,7 +106,8 @@ def describe(config, examples, source, workdir=None):
   for i, r in enumerate(rows):
     cells = [mark(r.cells[c], r.why.get(c)) for c in COLUMNS]
     cells[0] = f'{i:02d}_{cells[0]}'
-    done = workdir and os.path.exists(os.path.join(workdir, 'stages', cells[0], 'output'))
+    done = workdir and fs.is_published(fs.join(workdir, 'stages', cells[0], 'output'),
+                                       'stage.json')
     extra = [mark(text, reason) for text, reason in r.notes] + (['(complete)'] if done else [])
     table.append(cells + [' '.join(extra)])
   widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]

@@ -10,8 +10,9 @@ kind that has not run yet, another kind's time stands in and the estimate is mar
 import contextlib
 import dataclasses
 import logging
-import os
 import time
+
+from bitbert_jax import fs
 
 log = logging.getLogger('bitbert_jax')
 _ACTIVE = []
@@ -210,13 +211,13 @@ def summary(results, workdir):
 
 
 def _outputs(workdir):
-  packed, onnx_dir = os.path.join(workdir, 'packed'), os.path.join(workdir, 'onnx')
-  if not os.path.isdir(packed):
+  packed, onnx_dir = fs.join(workdir, 'packed'), fs.join(workdir, 'onnx')
+  if not fs.isdir(packed):
     return ['packed: none written (a float student, or config.export.packed=False)']
   lines = [f'packed: {packed} ({size(_dir_bytes(packed))})']
-  model = os.path.join(onnx_dir, 'model.onnx')
-  if os.path.isfile(model):
-    lines.append(f'onnx: {model} ({size(os.path.getsize(model))}; directory '
+  model = fs.join(onnx_dir, 'model.onnx')
+  if fs.isfile(model):
+    lines.append(f'onnx: {model} ({size(fs.getsize(model))}; directory '
                  f'{size(_dir_bytes(onnx_dir))})')
   else:
     lines.append(f'onnx: not exported; python -m bitbert_jax.export --format=onnx '
@@ -225,8 +226,7 @@ def _outputs(workdir):
 
 
 def _dir_bytes(directory):
-  return sum(os.path.getsize(os.path.join(root, n))
-             for root, _, names in os.walk(directory) for n in names)
+  return sum(fs.getsize(fs.join(directory, rel)) for rel in fs.files(directory))
 
 
 def size(n):

@@ -250,6 +250,7 @@ def _loop(state, *, name, settings, batches, mesh, writer, task, dev_sets, teach
             'signs': bool(signs), 'pending_eval': pending_eval}
     # Without a best yet, the current params fill the slot (same structure, never used).
     tree = {'state': state, 'best_params': best_params or (state.params, state.model_state)}
+    writer.flush()  # a bucket's rows up to this step are kept before the checkpoint after them
     ckpts.save(step, dict(tree, signs=signs.refs) if signs else tree, meta)
 
   def dev_eval(step):

@@ -1,25 +1,24 @@
-"""The run's working directory: one writer at a time, whole files only, no debris on bad input."""
+"""The run's working directory: one writer at a time, whole files only, no debris on bad input.
+
+A local directory or a bucket (gs://...); its files go through `fs`, and a bucket, which has no
+lock, is claimed with a lease object (`lease`).
+"""
 import fcntl
 import json
 import os
 import shutil
 import tempfile
 
+from bitbert_jax import fs
 from bitbert_jax.errors import BitbertError
+from bitbert_jax.lease import Lease
 
 LOCK = '.lock'
 
 
 def write_json(path, obj):
-  """Writes JSON atomically (temp file + rename), so readers never see half a file."""
-  tmp = path + '.tmp'
-  try:
-    with open(tmp, 'w') as f:
-      json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):  # json.dump failed midway: leave no debris
-      os.remove(tmp)
+  """Writes JSON whole (`fs.write_text`), so readers never see half a file."""
+  fs.write_text(path, json.dumps(obj, indent=2, default=float))
 
 
 class Lock:
@@ -66,7 +65,7 @@ class Claim:
   """
 
   def __init__(self, workdir, active=True):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = workdir if fs.is_uri(workdir) else os.path.abspath(workdir)
     self.active = active  # False on the other hosts of a pod: only process 0 writes
     self._created = []  # directories made by this run, outermost first
     self._committed = False
@@ -77,26 +76,30 @@ class Claim:
   def __enter__(self):
     if not self.active:
       return self
-    if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
-      raise BitbertError(f'--workdir {self.workdir}: exists and is not a directory; give a '
-                         'directory (new or of an earlier run of this config)')
-    parent = self.workdir
-    while not os.path.exists(parent):
-      self._created.insert(0, parent)
-      parent = os.path.dirname(parent)
-    self._lock_existed = os.path.exists(os.path.join(self.workdir, LOCK))
+    uri = fs.is_uri(self.workdir)
     try:
-      self._lock = Lock(self.workdir)
+      if fs.exists(self.workdir) and not fs.isdir(self.workdir):
+        raise BitbertError(f'--workdir {self.workdir}: exists and is not a directory; give a '
+                           'directory (new or of an earlier run of this config)')
+      parent = self.workdir
+      while not uri and not os.path.exists(parent):
+        self._created.insert(0, parent)
+        parent = os.path.dirname(parent)
+      self._lock_existed = fs.exists(fs.join(self.workdir, LOCK))
+      self._lock = Lease(fs.join(self.workdir, LOCK)) if uri else Lock(self.workdir)
       self._lock.__enter__()
+    except ImportError as e:  # epath and the lease reach gs:// through gcsfs
+      raise BitbertError(f'--workdir {self.workdir}: a bucket workdir needs gcsfs ({e}); '
+                         'pip install gcsfs') from e
     except OSError as e:
       self._remove_created_dirs()
-      raise BitbertError(f'--workdir {self.workdir}: cannot create or lock it ({e.strerror}); '
-                         'give a writable directory') from e
+      raise BitbertError(f'--workdir {self.workdir}: cannot create or lock it '
+                         f'({e.strerror or e}); give a writable directory') from e
     except BaseException:
       self._remove_created_dirs()
       raise
     # Listed under the lock: no other run changes the workdir from here on.
-    self._before = set(os.listdir(self.workdir))
+    self._before = set(fs.listdir(self.workdir))
     return self
 
   def commit(self):
@@ -114,14 +117,14 @@ class Claim:
         self._remove_created_dirs()
 
   def _undo(self):
-    for name in sorted(set(os.listdir(self.workdir)) - self._before):
-      path = os.path.join(self.workdir, name)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+    for name in sorted(set(fs.listdir(self.workdir)) - self._before):
+      path = fs.join(self.workdir, name)
+      if fs.isdir(path) and not os.path.islink(path):
+        fs.rmtree(path)
       else:
-        os.remove(path)
+        fs.remove(path)
     if not self._lock_existed:
-      os.remove(self._lock.path)
+      fs.remove(self._lock.path)
 
   def _remove_created_dirs(self):
     for d in reversed(self._created):

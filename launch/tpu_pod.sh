@@ -4,13 +4,13 @@
 # run the same `python -m bitbert_jax.main` on all workers (jax.distributed joins them) ->
 # copy the workdir back -> delete the VM (also on failure or Ctrl-C, unless KEEP=1).
 #
-# Not supported yet: the run's files do not go through a path layer that reaches gs:// (only
-# Orbax does), so main refuses a gs:// workdir (status 2). The design it is built for:
-# with --results-uri the workdir is the bucket itself (gs://.../NAME): every worker reads and
-# writes the same checkpoints there, so a preempted run resumes when relaunched with the same
-# --name. A workdir on the workers' own disks cannot resume a pod: each worker writes only its
-# own shards of every Orbax checkpoint and worker 0 alone commits it, so no disk holds a whole
-# checkpoint, and a preempted (Spot) VM's disks are deleted with it.
+# With --results-uri the workdir is the bucket itself (gs://.../NAME, through gcsfs, installed on
+# the workers for it): every worker reads and writes the same checkpoints there, so a preempted
+# run resumes when relaunched with the same --name. A workdir on the workers' own disks cannot
+# resume a pod: each worker writes only its own shards of every Orbax checkpoint and worker 0
+# alone commits it, so no disk holds a whole checkpoint, and a preempted (Spot) VM's disks are
+# deleted with it. The bucket workdir's claim is a lease (README, "Scale"): a relaunch within
+# 5 minutes of a killed run is refused until the dead run's lease expires.
 #
 #   launch/tpu_pod.sh --name bitbert-xtc --zone us-central2-b --accelerator v4-32 --spot \
 #       --config 'configs/xtc.py:task=mrpc,preset=paper' --glue-dir gs://my-bucket/glue \
@@ -231,6 +231,7 @@ REMOTE_PY="$REMOTE_VENV/bin/python"
 SETUP_VENV="python3 -m pip install -q --upgrade uv; rm -rf $REMOTE_VENV; python3 -m uv venv -q --python $(q "$PYTHON_VERSION") $REMOTE_VENV"
 UV_PIP="python3 -m uv pip install -q --python $REMOTE_PY --upgrade"
 INSTALL="$UV_PIP $(q "$JAX_PIP") ${EXTRA_PIP} -e $REMOTE_REPO"
+[[ $SHARED_WORKDIR == 1 ]] && INSTALL+=" gcsfs"  # the bucket workdir's files go through it
 if [[ -n $REPO_URL ]]; then
   log "installing $REPO_URL on every worker"
   # A clone rather than `pip install git+URL`: the --config files live in the repo's configs/.

@@ -350,9 +350,3 @@ def test_cli_bad_input_exits_2_with_one_line(env, tmp_path, args, env_vars, need
   assert out.stderr.count('\n') == 1 and out.stderr.startswith('error: '), out.stderr
   assert re.search(needle, out.stderr), out.stderr
   assert not os.path.exists(workdir)
-
-
-def test_uri_workdir_is_refused_before_anything_runs():
-  with pytest.raises(BitbertError, match=r'--workdir=gs://bucket/run: URI workdirs'):
-    run(load_config('xtc', 'preset=smoke'), 'gs://bucket/run')
-  assert not os.path.exists('gs:')  # no local folder named after the scheme

@@ -208,6 +208,8 @@ def test_tpu_pod_results_uri_is_the_shared_workdir():
   assert copy.startswith('gcloud storage rsync -r') and 'checkpoints' in copy  # skipped
   assert copy.endswith('gs://bucket/runs/bb-gs runs/bb-gs')  # from the bucket, not a worker
   assert "worker's own disk" not in p.stderr
+  (install,) = [c for c in cmds if 'uv pip install' in c]
+  assert ' gcsfs' in install  # the workers reach the bucket workdir through it
 
 
 def test_tpu_pod_local_workdir_warns_that_it_cannot_resume():
@@ -215,4 +217,6 @@ def test_tpu_pod_local_workdir_warns_that_it_cannot_resume():
   assert p.returncode == 0, p.stderr
   (train,) = [c for c in _commands(p.stdout) if '-m bitbert_jax.main' in c]
   assert '--workdir=$HOME/runs/bb-local' in train
+  (install,) = [c for c in _commands(p.stdout) if 'uv pip install' in c]
+  assert 'gcsfs' not in install
   assert 'cannot resume' in p.stderr and '--results-uri' in p.stderr

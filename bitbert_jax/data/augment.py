@@ -30,6 +30,7 @@ import datasets
 import jax
 import numpy as np
 
+from bitbert_jax import fs
 from bitbert_jax import preempt
 from bitbert_jax.data import tasks as tasks_lib
 from bitbert_jax.data import tokenize as tokenize_lib
@@ -421,6 +422,9 @@ def _settings(ctx, raw, fields, copies, probability, candidates, glove, mlm_fn, 
 
 
 def _write_atomic(path: str, lines: Iterable[str]) -> None:
+  if fs.is_uri(path):  # one upload: a bucket object is whole or absent
+    fs.write_text(path, ''.join(lines))
+    return
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + '.')
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
@@ -436,11 +440,11 @@ def _write_atomic(path: str, lines: Iterable[str]) -> None:
 def _read_cache(data_path, meta_path, settings, fields):
   """The cached columns if the cache matches `settings`, else None."""
   try:
-    with open(meta_path, encoding='utf-8') as f:
+    with fs.open_file(meta_path, 'rb') as f:  # UTF-8, which json reads from bytes
       if json.load(f) != settings:
         return None
     cols = {f: [] for f in (*fields, 'label')}
-    with open(data_path, encoding='utf-8') as f:
+    with fs.open_file(data_path, 'rb') as f:
       for line in f:
         row = json.loads(line)
         for c in cols:
@@ -502,9 +506,9 @@ def augmented_split(ctx, mlm_fn: MlmFn | None = None) -> tokenize_lib.EncodedSpl
   embedding = None if glove else _embedding_source(ctx)
   settings = _settings(ctx, raw, fields, copies, probability, candidates, glove, mlm_fn,
                        embedding)
-  os.makedirs(ctx.workdir, exist_ok=True)
-  data_path = os.path.join(ctx.workdir, 'augmented.jsonl')
-  meta_path = os.path.join(ctx.workdir, 'augmented.json')
+  fs.makedirs(ctx.workdir)
+  data_path = fs.join(ctx.workdir, 'augmented.jsonl')
+  meta_path = fs.join(ctx.workdir, 'augmented.json')
   cols = _read_cache(data_path, meta_path, settings, fields)
   if cols is not None:
     log.info('[%s] augmented data: %d rows from cache %s', ctx.name, len(cols['label']),
@@ -521,8 +525,7 @@ def augmented_split(ctx, mlm_fn: MlmFn | None = None) -> tokenize_lib.EncodedSpl
                   copies, probability, candidates, field)
     if jax.process_index() == 0:  # every process built the same rows; one writes them
       # Drop the old settings first: a crash mid-write must not pair them with new data.
-      if os.path.exists(meta_path):
-        os.remove(meta_path)
+      fs.remove(meta_path)
       n = len(cols['label'])
       _write_atomic(data_path, (json.dumps({c: cols[c][i] for c in cols}, ensure_ascii=False)
                                 + '\n' for i in range(n)))

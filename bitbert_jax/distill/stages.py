@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitbert_jax import distributed
+from bitbert_jax import fs
 from bitbert_jax import sharding
 from bitbert_jax import train as train_lib
 from bitbert_jax.data import batching
@@ -142,22 +143,23 @@ def finetune(state, ctx):
 def _teacher_record(state, ctx, dev):
   teacher = objective_lib.Teacher(state.model_config, distributed.fetch(state.params))
   if jax.process_index() == 0:
-    _export_hf(os.path.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
+    _export_hf(fs.join(ctx.workdir, 'hf'), teacher, ctx.tokenizer_dir)
   return StageRecord(dev=dev, teacher=teacher)
 
 
 def _export_hf(out_dir, teacher, tokenizer_dir):
   """The teacher for transformers (once: an existing export is kept)."""
   from bitbert_jax import hf  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out_dir):
+  if fs.is_published(out_dir, hf.SAFETENSORS):  # a bucket's copy: its weights come last
     return
-  parent, stale = os.path.dirname(out_dir), f'.{os.path.basename(out_dir)}.tmp-'
-  os.makedirs(parent, exist_ok=True)
-  for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
-    if name.startswith(stale):
-      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-  hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, out_dir,
-                        tokenizer_dir=tokenizer_dir)
+  with fs.published(out_dir, hf.SAFETENSORS) as local:
+    parent, stale = os.path.dirname(local), f'.{os.path.basename(local)}.tmp-'
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):  # an export killed midway (hf writes to a temp dir first)
+      if name.startswith(stale):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    hf.save_hf_checkpoint(teacher.config.replace(dtype='float32'), teacher.params, local,
+                          tokenizer_dir=tokenizer_dir)
 
 
 def _copied_student(state, ctx, num_layers, keep_head, source_field):
@@ -211,7 +213,7 @@ def _narrowed(student, record, ctx, field):
   heads, neurons = stage_config.narrow_width(ctx.stage, field, full)
   if (heads, neurons) == (full.num_attention_heads, full.intermediate_size):
     return student, record
-  params = jax.device_get(student.params)
+  params = distributed.fetch(student.params)
   if ctx.stage.importance == 'taylor':
     scores = _taylor_scores(full, params, record.student_layers, ctx, field)
   else:
@@ -269,7 +271,7 @@ def _taylor_scores(cfg, params, layers, ctx, field):
       ctx.data.train, batch_size, seed=ctx.config.seed, drop_remainder=True),
       ctx.stage.importance_batches)
   return narrow_lib.taylor_importance(BertModel(cfg.replace(**exact)), loss_fn, batches, params,
-                                      jax.device_get(teacher.params))
+                                      distributed.fetch(teacher.params))
 
 
 def _head_map(ctx, student_cfg, teacher_cfg):
