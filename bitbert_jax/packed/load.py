@@ -4,7 +4,7 @@
 (`onnx_export`) both start from it. It checks the manifest's format and version, the weights
 file's size and sha256 (verify=True), and every tensor's name, shape and dtype against the packed
 model that config.json and policy.json describe (`model.shapes.check_shapes`), naming the first
-that does not fit.
+that does not fit, and each record's plane count against policy.json (`check_planes`).
 """
 import dataclasses
 import functools
