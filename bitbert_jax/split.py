@@ -136,9 +136,18 @@ def split_ternary(w, num_groups=1, codes=None, alpha=None):
   return w1.reshape(w.shape), w2.reshape(w.shape)
 
 
+def _binary_rule(quant):
+  if quant.bits == 2:
+    return dataclasses.replace(quant, bits=1, split=True)  # two planes
+  if quant.bits == 1:
+    return dataclasses.replace(quant, split=False)  # already binary: one plane, as it is
+  return quant
+
+
 def binary_policy_for(policy):
-  """The policy of the split binary model: 2-bit rules become 1-bit, split=True."""
-  rules = tuple((p, dataclasses.replace(q, bits=1) if q.bits == 2 else q) for p, q in policy.rules)
+  """The policy of the split binary model: 2-bit rules become split 1-bit ones, rules already
+  1-bit keep one plane (split=False), split=True."""
+  rules = tuple((p, _binary_rule(q)) for p, q in policy.rules)
   return dataclasses.replace(
       policy, rules=rules, split=True,
       weight_bits=1 if policy.weight_bits == 2 else policy.weight_bits,
@@ -178,36 +187,33 @@ def split_params(params, policy):
     the ternary codes and alphas its layer computes (`layers.quantized_kernel_planes`) and
     stacked to [2, in, out]; its layer's bias [out] becomes [b/2, b/2] ([2, out]); a word
     embedding table [V, H] is split per its rule (one group per row) into [2, V, H]. Parameters
-    under a 1-bit rule, which the split policy also reads with a leading axis of 2, become
-    [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly; their bias likewise). Everything else is
-    copied unchanged. binary_policy = policy with 2-bit rules turned 1-bit and split=True.
+    under a 1-bit rule are already binary: they stay one plane (their rule split=False in the
+    binary policy), as does everything else, copied unchanged. binary_policy = policy with
+    2-bit rules turned split 1-bit ones, 1-bit rules marked split=False, and split=True.
   """
   _check_policy(policy)
   flat = traverse_util.flatten_dict(dict(params), sep='/')
   out, matched = dict(flat), []
   for path, value in flat.items():
     quant = policy.weight_quant(path)
-    if quant is None or quant.bits > 2:
-      continue
+    if quant is None or quant.bits != 2:
+      continue  # float, wider, or already binary (one plane, nothing to split)
     module, _, leaf = path.rpartition('/')
     if leaf not in ('kernel', 'embedding'):
       raise BitbertError(f'split_params: rule for {path} quantizes a {leaf!r}; only kernels '
                          f'and embedding tables can be split')
     _check_matrix(path, value)
     w = np.asarray(value, np.float32)
-    if quant.bits == 1:  # BWN(w/2) + BWN(w/2) = BWN(w) exactly, in any layout
-      halves = (w / 2, w / 2)
+    # The layer's own ternary codes and alphas (layers.quantized_*_planes decides the layout
+    # the quantizer sees), split in the output-major layout whose chunks are the groups.
+    if leaf == 'kernel':
+      planes = quantized_kernel_planes(policy, path, w, w.shape[1])
     else:
-      # The layer's own ternary codes and alphas (layers.quantized_*_planes decides the layout
-      # the quantizer sees), split in the output-major layout whose chunks are the groups.
-      if leaf == 'kernel':
-        planes = quantized_kernel_planes(policy, path, w, w.shape[1])
-      else:
-        planes = quantized_embedding_planes(policy, path, w)
-      t = np.asarray(planes.output_major_codes()[0])
-      view = w.T if planes.transposed else w
-      halves = split_ternary(view, planes.groups, codes=t, alpha=planes.scales[0])
-      halves = [h.T for h in halves] if planes.transposed else halves
+      planes = quantized_embedding_planes(policy, path, w)
+    t = np.asarray(planes.output_major_codes()[0])
+    view = w.T if planes.transposed else w
+    halves = split_ternary(view, planes.groups, codes=t, alpha=planes.scales[0])
+    halves = [h.T for h in halves] if planes.transposed else halves
     out[path] = jnp.asarray(np.stack(halves))
     bias_path = f'{module}/bias'
     if leaf == 'kernel' and bias_path in flat:
@@ -216,8 +222,7 @@ def split_params(params, policy):
         raise BitbertError(f'split_params: {bias_path} has shape {list(bias.shape)}; expected '
                            f'[{w.shape[1]}] for kernel {path} {list(w.shape)}')
       out[bias_path] = jnp.asarray(np.stack([bias / 2, bias / 2]))
-    if quant.bits == 2:
-      matched.append(path)
+    matched.append(path)
   if not matched:
     rules = ', '.join(p for p, q in policy.rules if q.bits == 2)
     raise BitbertError(f'split_params: no parameter matches the 2-bit rule(s) {rules}; '

@@ -9,7 +9,9 @@ width), width (DynaBERT's width multiplier: the fraction of attention heads and 
 student keeps, hidden size kept; 0.5 is BinaryBERT's half-width ternary student, whose split
 encoder holds the bits of a full-width 1-bit one; default 1), init (the student's start: random,
 as TinyBERT, or pretrained, a copy of some of config.pretrained's layers; default random, but
-pretrained for the quick preset, whose short general KD cannot train a random student), bits (final W-E-A; the ternary stage uses 2-2-A),
+pretrained for the quick preset, whose short general KD cannot train a random student), bits
+(final W-E-A; the ternary stage uses 2-2-A, or 2-1-A when width < 1: 1-bit word embeddings keep
+one plane after splitting, so the half-width student's file has the 1-bit student's size),
 augment (TinyBERT data augmentation), corpus (general-KD text: files/folders/hub specs; default
 $CORPUS_DIR, else the WikiText-2 excerpt shipped in the package), preset.
 `--dry_run` prints the stages these arguments give, and which rule chose each value.
@@ -51,6 +53,10 @@ def get_config(arg=None):
   c.stages.fp32_stage1 = s('task_kd', losses='stage1', epochs=20.0, lr=5e-5, data=data)
   c.stages.fp32_stage2 = s('task_kd', losses='stage2', epochs=3.0, lr=3e-5, data=data)
   c.stages.quantize_2bit = s('quantize', bits=f'2-2-{act}')
+  if args.width < 1:
+    config_lib.rule(c, 'stages.quantize_2bit.bits', f'2-1-{act}',
+                    'width<1: 1-bit embeddings in the ternary stage keep one plane after '
+                    'splitting, so the file has the 1-bit student\'s size')
   # Quantized KD at 5e-4, as XTC's 1-bit stage (BinaryBERT's 2.5e-5..1.25e-4 barely moves the
   # signs); STS-B 6L, quick: 2-bit 98.1%, 1-bit (split) 99.5% of the teacher (docs/RESULTS.md).
   qlr = 5e-4

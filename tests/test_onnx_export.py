@@ -239,14 +239,18 @@ def test_wider_codes_and_row_groups(tmp_path, name, groups):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-def test_narrow_split_student_runs_in_onnx_runtime_as_in_jax(tmp_path):
+@pytest.mark.parametrize('bits', ['2-2-8', '2-1-8'])
+def test_narrow_split_student_runs_in_onnx_runtime_as_in_jax(tmp_path, bits):
   """A half-width split student (1 head of TINY's size 16, half the FFN neurons, two binary
-  planes per weight): the graph reshapes heads x head size, not hidden_size."""
+  planes per encoder weight): the graph reshapes heads x head size, not hidden_size. From 2-1-8
+  (the half-width route), the word embeddings were 1-bit before splitting and keep one plane."""
   narrow = TINY.replace(num_attention_heads=1, attention_head_size=16, intermediate_size=24)
-  params, policy = split_params(random_params(narrow, policy_from_name('2-2-8'), seed=4),
-                                policy_from_name('2-2-8'))
+  params, policy = split_params(random_params(narrow, policy_from_name(bits), seed=4),
+                                policy_from_name(bits))
   packed = write.pack(narrow, params, policy, tmp_path / 'p', float_dtype='float32')
   assert json.load(open(os.path.join(packed, 'config.json')))['attention_head_size'] == 16
+  emb = read_manifest(packed)['tensors']['embeddings/word_embeddings/embedding_codes']
+  assert emb['planes'] == (1 if bits == '2-1-8' else 2)
   onnx_dir = onnx_export.export_onnx(packed, tmp_path / 'o', precision='float64')
   model = load_packed(packed, tokenizer=False, precision='float64')
   assert model.config == narrow and model.policy.split

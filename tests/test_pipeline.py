@@ -203,7 +203,8 @@ def test_multistage_half_width_packs_a_split_student_of_narrow_matrices(
     tmp_path, tiny_pretrained, glue, monkeypatch, caplog):
   """width=0.5, with a stub trainer: the student keeps 2 of the 4 heads and 32 of the 64 FFN
   neurons, hidden kept; every stage with an attention loss gets the head map, the split student
-  packs narrow matrices, and a resumed run reads the head map back from stage.json."""
+  packs narrow matrices (two planes) and its word embeddings, 1-bit in the ternary stage, as one
+  plane, and a resumed run reads the head map back from stage.json."""
   calls = []
 
   def stub(state, **kw):
@@ -234,8 +235,16 @@ def test_multistage_half_width_packs_a_split_student_of_narrow_matrices(
   layer = last.params['encoder']['layer_0']
   assert layer['attention']['query']['kernel'].shape == (2, 32, 16)
   assert layer['attention']['output']['kernel'].shape == (2, 16, 32)
+  policies = {n: r['policy'] for n, r in results['stages'].items()}
+  assert policies['ternary_stage2'] == '2-1-8' and policies['binary_stage2'] == '1-1-8'
+  assert last.params['embeddings']['word_embeddings']['embedding'].ndim == 2  # one plane
   with open(tmp_path / 'packed' / 'config.json') as f:
     assert json.load(f)['attention_head_size'] == 8
+  with open(tmp_path / 'packed' / 'manifest.json') as f:
+    planes = {n: r['planes'] for n, r in json.load(f)['tensors'].items() if 'planes' in r}
+  assert planes.pop('embeddings/word_embeddings/embedding_codes') == 1
+  assert planes.pop('embeddings/word_embeddings/embedding_scale') == 1
+  assert set(planes.values()) == {2}  # every encoder matrix and its scales
   for name in stages[-2:]:  # binary_stage1 (attention loss) and binary_stage2 run again
     shutil.rmtree(tmp_path / 'stages' / name)
   calls.clear()

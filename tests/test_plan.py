@@ -68,6 +68,18 @@ def test_bits_follow_the_quantize_stages():
       'batch']
 
 
+def test_half_width_ternary_stage_has_one_bit_embeddings_and_says_why():
+  ms = lambda arg: {x.cells['stage']: x for x in plan.plan(load_config('multistage', arg), 100)}
+  half, full = ms('preset=quick,width=0.5,bits=1-1-4'), ms('preset=quick')
+  assert [half[n].cells['bits'] for n in ('quantize_2bit', 'ternary_stage2', 'binary_stage2')] == [
+      '2-1-4', '2-1-4', '1-1-4']
+  assert half['quantize_2bit'].why['bits'] == (
+      "width<1: 1-bit embeddings in the ternary stage keep one plane after splitting, so the "
+      "file has the 1-bit student's size")
+  assert full['quantize_2bit'].cells['bits'] == '2-2-8' and 'bits' not in full[
+      'quantize_2bit'].why
+
+
 def test_an_overridden_value_loses_its_rule():
   assert 'lr' in rows('preset=quick,layers=3')['kd_1bit'].why
   assert 'lr' not in rows('preset=quick,layers=3', stages__kd_1bit__lr=2e-4)['kd_1bit'].why

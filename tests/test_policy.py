@@ -134,6 +134,25 @@ def test_split_marks_only_one_bit_weights():
   assert not policy_from_name('1-1-8').is_split('encoder/layer_0/attention/query/kernel')
 
 
+def test_a_one_plane_rule_stays_one_plane_in_a_split_policy():
+  emb, query = 'embeddings/word_embeddings/embedding', 'encoder/layer_0/attention/query/kernel'
+  one = WeightQuant(1, 'row', split=False)
+  policy = QuantPolicy(rules=((policy_lib.WORD_EMBEDDINGS, one),
+                              (policy_lib.LINEAR_KERNELS, WeightQuant(1))), split=True)
+  assert policy.is_split(query) and not policy.is_split(emb)
+  # Written only where false: a policy without one-plane rules has the JSON it always had.
+  rules = dict(policy.to_dict()['rules'])
+  assert rules[policy_lib.WORD_EMBEDDINGS]['split'] is False
+  assert 'split' not in rules[policy_lib.LINEAR_KERNELS]
+  legacy = json.loads(json.dumps(policy_from_name('1-1-8', split=True).to_dict()))
+  assert all('split' not in q for _, q in legacy['rules'])
+  assert QuantPolicy.from_dict(legacy).is_split(emb)  # a file without the field: split, as ever
+  with pytest.raises(BitbertError, match='2-bit weight is never split'):
+    WeightQuant(2, split=False)
+  with pytest.raises(BitbertError, match='split 0'):
+    WeightQuant(1, split=0)
+
+
 def test_first_matching_rule_wins():
   policy = QuantPolicy(rules=((r'.*/query/kernel', WeightQuant(32)), (r'.*kernel', WeightQuant(2))))
   assert policy.weight_quant('encoder/layer_0/attention/query/kernel') is None
@@ -147,6 +166,9 @@ def test_first_matching_rule_wins():
     policy_from_name('2-2-8', weight_groups='row', ffn_output_bits=4, act_mode='static'),
     policy_from_name('1-1-4', weight_groups=2, act_mode='lsq', split=True),
     policy_from_name('1-1-1'),
+    QuantPolicy(weight_bits=1, embed_bits=1, split=True,
+                rules=((policy_lib.WORD_EMBEDDINGS, WeightQuant(1, 'row', split=False)),
+                       (policy_lib.LINEAR_KERNELS, WeightQuant(1)))),
 ])
 def test_json_round_trip_and_hash(policy):
   restored = QuantPolicy.from_dict(json.loads(json.dumps(policy.to_dict())))

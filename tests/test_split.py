@@ -21,6 +21,7 @@ from the ternary one by ~5e-3 in logits at 8-bit activations. So 2-2-8 is checke
 tiny model and with 32-bit activations on MiniLM.
 """
 import dataclasses
+import json
 import os
 
 import conftest
@@ -33,6 +34,7 @@ import pytest
 from bitbert_jax.errors import BitbertError
 from bitbert_jax.model.shapes import random_params
 from bitbert_jax.packed import write
+from bitbert_jax.packed.format import read_manifest
 from bitbert_jax.model import BertConfig, BertModel
 from bitbert_jax.quant import ActQuant, QuantPolicy, WeightQuant, policy_from_name, quantizers
 from bitbert_jax.split import split_params, split_ternary
@@ -181,16 +183,23 @@ def test_split_params_maps_the_tree():
   assert ln_b['scale'] is ln_a['scale'] and ln_b['bias'] is ln_a['bias']
 
 
-def test_split_params_halves_existing_one_bit_rules():
-  # 2-bit linears with 1-bit embeddings: the split policy reads every 1-bit weight with a
-  # leading 2, so the 1-bit table becomes [w/2, w/2] (BWN(w/2) + BWN(w/2) = BWN(w) exactly).
-  policy = policy_from_name('2-1-32')
+@pytest.mark.parametrize('groups', [1, 'row'])
+def test_split_params_keeps_one_bit_rules_one_plane(groups):
+  # 2-bit linears with 1-bit embeddings: only the ternary linears are split. The 1-bit table is
+  # already binary (BWN(w) is its function), so it stays one plane, untouched: splitting it into
+  # two identical planes [w/2, w/2], as splitting once did, doubled the bits of the largest
+  # tensor and added nothing the binary stages could use.
+  policy = policy_from_name('2-1-8', weight_groups=groups)
   params = random_params(TINY, policy, 2)
   bparams, bpolicy = split_params(params, policy)
-  emb = params['embeddings']['word_embeddings']['embedding']
-  np.testing.assert_array_equal(bparams['embeddings']['word_embeddings']['embedding'][0], emb / 2)
-  ids = jnp.arange(40).reshape(2, 20)
-  mask = jnp.ones_like(ids)
+  emb, query = 'embeddings/word_embeddings/embedding', 'encoder/layer_0/attention/query/kernel'
+  assert bpolicy.split and bpolicy.name == '1-1-8'
+  assert not bpolicy.is_split(emb) and bpolicy.is_split(query)
+  np.testing.assert_array_equal(bparams['embeddings']['word_embeddings']['embedding'],
+                                params['embeddings']['word_embeddings']['embedding'])
+  assert bparams['encoder']['layer_0']['attention']['query']['kernel'].shape == (2, 64, 64)
+  ids = jax.random.randint(jax.random.PRNGKey(4), (4, 24), 0, TINY.vocab_size)
+  mask = jnp.ones_like(ids).at[:, 18:].set(0)
   np.testing.assert_allclose(_logits(TINY, bpolicy, bparams, ids, mask),
                              _logits(TINY, policy, params, ids, mask), rtol=0, atol=1e-5)
 
@@ -359,3 +368,92 @@ def test_narrow_split_packs_the_encoder_bits_of_a_full_width_one_bit_model(tmp_p
     assert narrow[name].nbytes <= full[name].nbytes, name
   assert narrow['encoder/layer_0/intermediate/bias'].nbytes * 2 == full[
       'encoder/layer_0/intermediate/bias'].nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# The half-width route with 1-bit word embeddings in the ternary stage (2-1-A): split encoder,
+# one-plane table, the size of the full-width 1-bit student.
+
+
+MINILM = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                    num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512,
+                    num_labels=2)
+
+
+def _packed_logits(directory, ids, mask):
+  from bitbert_jax.packed.model import load_packed  # pylint: disable=g-import-not-at-top
+  model = load_packed(directory, tokenizer=False)
+  return model, np.asarray(model.logits(ids, mask, jnp.zeros_like(ids)))
+
+
+def test_narrow_one_plane_embedding_split_packed_equals_fake(tmp_path):
+  """A half-width 2-1-8 student, split: the packed model (two sign planes per encoder matrix,
+  one for the word embeddings, marked per tensor) computes the fake-quantized split model's
+  logits (<= 1e-5; measured 0 to 1e-8)."""
+  ternary = policy_from_name('2-1-8')
+  bparams, bpolicy = split_params(random_params(NARROW, ternary, 7), ternary)
+  directory = write.pack(NARROW, bparams, bpolicy, tmp_path / 'p', float_dtype='float32')
+  ids = jax.random.randint(jax.random.PRNGKey(8), (4, 24), 0, NARROW.vocab_size)
+  mask = jnp.ones_like(ids).at[:, 18:].set(0)
+  model, got = _packed_logits(directory, ids, mask)
+  assert model.policy.split and model.policy.name == '1-1-8'
+  np.testing.assert_allclose(got, _logits(NARROW, bpolicy, bparams, ids, mask), rtol=0,
+                             atol=1e-5)
+  tensors = read_manifest(directory)['tensors']
+  assert tensors['embeddings/word_embeddings/embedding_codes']['planes'] == 1
+  assert tensors['embeddings/word_embeddings/embedding_codes']['shape'] == [120, 8]
+  assert tensors['encoder/layer_1/intermediate/kernel_codes']['planes'] == 2
+  # A manifest whose plane count disagrees with policy.json is refused by tensor name.
+  manifest = json.load(open(os.path.join(directory, 'manifest.json')))
+  manifest['tensors']['embeddings/word_embeddings/embedding_scale']['planes'] = 2
+  with open(os.path.join(directory, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f)
+  with pytest.raises(BitbertError, match="embedding_scale' records planes=2, but policy.json "
+                     'gives embeddings/word_embeddings/embedding 1 plane'):
+    _packed_logits(directory, ids, mask)
+
+
+def test_packed_file_with_split_one_bit_rules_still_loads(tmp_path):
+  """A split file whose policy.json rules carry no `split` field (as every split file written
+  before one-plane rules): each 1-bit weight has two planes, here the [w/2, w/2] halves of a
+  1-bit table; it loads and computes the ternary model's function as before."""
+  ternary = policy_from_name('2-1-8')
+  params = random_params(TINY, ternary, 9)
+  bparams, _ = split_params(params, ternary)
+  emb = params['embeddings']['word_embeddings']['embedding']
+  bparams['embeddings']['word_embeddings']['embedding'] = jnp.stack([emb / 2, emb / 2])
+  legacy = dataclasses.replace(ternary, weight_bits=1, split=True, rules=tuple(
+      (p, dataclasses.replace(q, bits=1)) for p, q in ternary.rules))
+  directory = write.pack(TINY, bparams, legacy, tmp_path / 'p', float_dtype='float32')
+  policy_json = json.load(open(os.path.join(directory, 'policy.json')))
+  assert policy_json['split'] and all('split' not in q for _, q in policy_json['rules'])
+  ids = jax.random.randint(jax.random.PRNGKey(8), (4, 24), 0, TINY.vocab_size)
+  mask = jnp.ones_like(ids)
+  model, got = _packed_logits(directory, ids, mask)
+  assert model.policy.is_split('embeddings/word_embeddings/embedding')
+  assert read_manifest(directory)['tensors']['embeddings/word_embeddings/embedding_codes'][
+      'planes'] == 2
+  np.testing.assert_allclose(got, _logits(TINY, ternary, params, ids, mask), rtol=0, atol=1e-5)
+
+
+def test_half_width_split_packs_to_the_size_of_the_one_bit_student(tmp_path):
+  """MiniLM's shape (6 layers, hidden 384, vocab 30522), random weights. The half-width 2-1-8
+  student split: its encoder's two narrow planes hold the bits of the 1-bit (XTC) student's
+  one, its word embeddings stay one plane. Measured weights.safetensors: 3,666,652 bytes
+  against XTC 1-1-8's 3,682,508 (-0.43%: two scales per matrix, narrower q/k/v and FFN biases);
+  the half-width 2-2-8 split, with two-plane embeddings, is 5,253,796 (+43%)."""
+  size = lambda d: os.path.getsize(os.path.join(d, 'weights.safetensors'))
+  xtc = policy_from_name('1-1-8')
+  xtc_bytes = size(write.pack(MINILM, random_params(MINILM, xtc, 1), xtc, tmp_path / 'xtc'))
+  half = MINILM.replace(num_attention_heads=6, attention_head_size=32, intermediate_size=768)
+  ternary = policy_from_name('2-1-8')
+  bparams, bpolicy = split_params(random_params(half, ternary, 2), ternary)
+  directory = write.pack(half, bparams, bpolicy, tmp_path / 'half')
+  assert abs(size(directory) / xtc_bytes - 1) < 0.01, (size(directory), xtc_bytes)
+  tensors = read_manifest(directory)['tensors']
+  codes = {n: r for n, r in tensors.items() if r['kind'].endswith('_codes')}
+  assert len(codes) == 1 + 6 * MINILM.num_hidden_layers
+  # Every encoder matrix: two planes; the table: one, 1 bit per weight, as XTC's.
+  assert {n for n, r in codes.items() if r['planes'] == 1} == {
+      'embeddings/word_embeddings/embedding_codes'}
+  assert tensors['embeddings/word_embeddings/embedding_codes']['bytes'] == 30522 * 384 // 8

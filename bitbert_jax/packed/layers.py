@@ -11,7 +11,8 @@ holds packed variables instead of a float latent weight:
   QEmbed:  embedding_codes uint8 [V, row_bytes], embedding_scale float32 [G]
 
 A split (binary after weight splitting) weight carries a leading plane axis of 2 on both codes
-and scales; its bias is stored already summed ([rows]), since the layer only ever uses b0 + b1.
+and scales (`policy.is_split`, per rule: a weight already 1-bit before splitting has one); its
+bias is stored already summed ([rows]), since the layer only ever uses b0 + b1.
 Codes are unpacked inside the jitted computation (`bits.jnp_unpack_codes`); nothing is
 dequantized to float at load time.
 

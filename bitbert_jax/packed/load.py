@@ -4,7 +4,7 @@
 (`onnx_export`) both start from it. It checks the manifest's format and version, the weights
 file's size and sha256 (verify=True), and every tensor's name, shape and dtype against the packed
 model that config.json and policy.json describe (`model.shapes.check_shapes`), naming the first
-that does not fit.
+that does not fit, and each record's plane count against policy.json (`check_planes`).
 """
 import dataclasses
 import functools
@@ -22,8 +22,8 @@ from bitbert_jax.model.bert import BertModel
 from bitbert_jax.model.config import BertConfig
 from bitbert_jax.model.shapes import check_shapes
 from bitbert_jax.packed import layers
-from bitbert_jax.packed.format import (CODES_SUFFIX, CONFIG, POLICY, STATE_SEP, read_json,
-                                      read_manifest, weights_path)
+from bitbert_jax.packed.format import (CODES_SUFFIX, CONFIG, MANIFEST, POLICY, STATE_SEP,
+                                      read_json, read_manifest, weights_path)
 from bitbert_jax.quant.policy import QuantPolicy
 
 
@@ -75,6 +75,18 @@ def check_tensors(weights, params, config, policy):
       raise BitbertError(f'{weights}: tensor {name!r} has dtype {arr.dtype}; expected a float')
 
 
+def check_planes(manifest, policy, where):
+  """Raises BitbertError naming the first codes or scale record whose `planes` (2: split, 1: one
+  plane) is not what the policy gives its parameter: readers (the ONNX graph) go by the record."""
+  for name, rec in sorted(manifest.get('tensors', {}).items()):
+    if 'planes' not in rec or not rec.get('param'):
+      continue
+    want = 2 if policy.is_split(rec['param']) else 1
+    if rec['planes'] != want:
+      raise BitbertError(f'{where}: tensor {name!r} records planes={rec["planes"]!r}, but '
+                         f'{POLICY} gives {rec["param"]} {want} plane(s)')
+
+
 def read(directory, verify=True):
   """Reads and checks a packed directory -> PackedDir.
 
@@ -101,4 +113,5 @@ def read(directory, verify=True):
     raise BitbertError(f'{weights}: unreadable safetensors file ({type(e).__name__}: {e})') from e
   packed = PackedDir(directory, manifest, config, policy, tensors)
   check_tensors(weights, packed.params, config, policy)
+  check_planes(manifest, policy, os.path.join(directory, MANIFEST))
   return packed

@@ -17,7 +17,8 @@ The codes are the layers' own (`quant.layers.quantized_kernel_planes`), so code 
 trained layer's quantized weight bit for bit. A split student (binary after ternary weight
 splitting) is stored as two sign bit-planes [2, rows, row_bytes] with two scale sets [2, G] per
 split weight, 2 bits of storage per weight like BinaryBERT's doubled-width binary model; its two
-biases are stored summed, as the layer only uses b0 + b1.
+biases are stored summed, as the layer only uses b0 + b1. A weight that was already 1-bit before
+splitting keeps one plane; each record's `planes` says which a tensor has.
 
 Everything is written into a temporary directory beside the target and renamed, and the same
 student gives the same bytes on every export (`save_safetensors`).

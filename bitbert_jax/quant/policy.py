@@ -50,10 +50,14 @@ class WeightQuant:
 
   bits: 1 binary, 2 ternary, 3-8 symmetric uniform, 32 float. mode (1-bit only): 'bwn'
   (alpha * sign(w)) or 'centered' (BiT: alpha * sign(w - mean) + mean, per group).
+  split (1-bit only, read by a split policy): the weight carries the two binary planes of
+  weight splitting (True, the default), or keeps one plane (False: a weight that was already
+  1-bit before splitting, where BWN(w) is already the function and there is nothing to split).
   """
   bits: int
   num_groups: int | str = 1
   mode: str = 'bwn'
+  split: bool = True
 
   def __post_init__(self):
     if self.bits not in WEIGHT_BITS or isinstance(self.bits, bool):
@@ -62,6 +66,11 @@ class WeightQuant:
       raise BitbertError(f'binary_mode {self.mode!r} unknown; valid: {_choices(BINARY_MODES)}')
     if self.mode != 'bwn' and self.bits != 1:
       raise BitbertError(f'binary_mode {self.mode!r} is for 1-bit weights, not {self.bits}-bit')
+    if not isinstance(self.split, bool):
+      raise BitbertError(f'weight rule split {self.split!r}: expected true or false')
+    if not self.split and self.bits != 1:
+      raise BitbertError(f'weight rule split=false marks a 1-bit weight that keeps one plane in '
+                         f'a split policy; a {self.bits}-bit weight is never split')
     object.__setattr__(self, 'num_groups', _check_groups(self.num_groups, 'num_groups'))
 
 
@@ -90,7 +99,8 @@ class QuantPolicy:
   """Rules (pattern, WeightQuant) tried in order, first full match wins; no match = float.
 
   split: the binary model after weight splitting. Each 1-bit quantized kernel (and its bias)
-  carries a leading axis of 2; the layer sums the two binarized halves.
+  whose rule has split=True (the default) carries a leading axis of 2; the layer sums the two
+  binarized halves. A 1-bit rule with split=False keeps one plane (see `is_split`).
   packed: quantized weights arrive as packed integer codes and scales (a packed export); the
   model then runs under `bitbert_jax.packed.layers.packed_mode()`, which computes from them.
   """
@@ -144,13 +154,18 @@ class QuantPolicy:
     return self.act
 
   def is_split(self, path):
-    """Whether the parameter at `path` carries the leading split axis of 2."""
+    """Whether the parameter at `path` carries the leading split axis of 2: a split policy's
+    1-bit weight whose rule has split=True."""
     quant = self.weight_quant(path)
-    return self.split and quant is not None and quant.bits == 1
+    return self.split and quant is not None and quant.bits == 1 and quant.split
 
   def to_dict(self):
-    """Plain JSON-able dict (rules as [pattern, {bits, num_groups}] pairs)."""
-    return dataclasses.asdict(self)
+    """Plain JSON-able dict (rules as [pattern, {bits, num_groups, mode}] pairs; a rule's
+    `split` only when false, so a policy without one-plane rules reads as it always has)."""
+    d = dataclasses.asdict(self)
+    d['rules'] = tuple((p, {k: v for k, v in q.items() if k != 'split' or not v})
+                       for p, q in d['rules'])
+    return d
 
   @classmethod
   def from_dict(cls, d):
