@@ -160,8 +160,8 @@ def exits_together(main):
   """`main(argv)`, but a multi-process run that fails leaves without leaving a peer waiting.
 
   When every process fails with the same status (a bad input, preemption), they meet at a
-  barrier and exit normally. A process that fails alone waits for the others as long as JAX
-  waits for a silent process (--heartbeat_timeout_seconds), then leaves at once (os._exit): its
+  barrier and exit normally. A process that fails alone waits for the others twice as long as
+  JAX waits for a silent process (--heartbeat_timeout_seconds), then leaves at once (os._exit): its
   heartbeats stop, and JAX stops the others, which would otherwise wait in their next
   collective for it (and it, at exit, for them).
   """
@@ -192,11 +192,14 @@ def _several_processes():
 def _leave(status):
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   client = distributed.global_state.client
+  # Twice the heartbeat timeout: a dead peer is then named by JAX's heartbeat check first.
+  wait_ms = (2 * _heartbeat_timeout + 10) * 1000
   try:  # the coordination service's barrier: no collective, so a peer stuck in one is no matter
-    client.wait_at_barrier(f'bitbert_exit_{status}', _heartbeat_timeout * 1000)
-  except Exception:  # pylint: disable=broad-except
+    client.wait_at_barrier(f'bitbert_exit_{status}', wait_ms)
+  except Exception as e:  # pylint: disable=broad-except
+    why = ' '.join(str(e).split())[:300]
     print(f'process {distributed.global_state.process_id}: stopping alone (status {status}); '
-          'the other processes stop when JAX notices (--heartbeat_timeout_seconds)',
+          f'the other processes stop when JAX notices (--heartbeat_timeout_seconds). {why}',
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     logging.shutdown()
