@@ -14,6 +14,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='bitbert-xla-cache-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
+# Tests compile far more than they compute: LLVM's cheapest code generation roughly halves a
+# smoke pipeline's compile time (subprocesses inherit it; their own XLA_FLAGS add to it).
+FAST_COMPILE = '--xla_backend_optimization_level=1'
+if FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 # The slowest files first, so that pyproject's two workers overlap them with everything else.
 SLOW_FIRST = ('test_readme.py', 'test_multihost.py', 'test_pipeline.py', 'test_sharding.py')
 

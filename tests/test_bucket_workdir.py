@@ -26,6 +26,7 @@ from bitbert_jax import logs
 from bitbert_jax import paths
 from bitbert_jax import workdir as workdir_lib
 from bitbert_jax.errors import BitbertError
+from conftest import FAST_COMPILE
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 BUCKET = 'bitbert-test'
@@ -281,7 +282,7 @@ def test_tensorboard_without_a_gcs_client_writes_locally_and_says_so(emulator, m
 
 def _run(env, flags, workdir):
   full = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  full.update(env, PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+  full.update(env, XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
   return subprocess.run([sys.executable, '-m', 'bitbert_jax.main', *flags,
                          f'--workdir={workdir}'], cwd=ROOT, env=full, capture_output=True,
                         text=True, timeout=900)
