@@ -122,3 +122,17 @@ def test_cli_dry_run_refuses_a_bad_config_as_a_run_does(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert out.returncode == 2 and "config.stages.kd_1bit.losses='stage3'" in out.stderr
   assert not os.path.exists(workdir)
+
+
+def test_half_width_with_a_teacher_copies_its_layers_by_taylor_importance():
+  from bitbert_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = load_config('multistage', 'preset=quick,width=0.5,teacher=/t')
+  assert (c.pretrained, c.stages.init_student.importance) == ('/t', 'taylor')
+  assert config_lib.why(c, 'pretrained').startswith('width<1 with a teacher')
+  assert config_lib.why(c, 'stages.init_student.importance') == config_lib.why(c, 'pretrained')
+  for other in ('preset=quick,width=0.5', 'preset=quick,teacher=/t',
+                'preset=quick,width=0.5,teacher=/t,init=random',
+                'preset=quick,width=0.5,teacher=/t,pretrained=/p'):
+    c = load_config('multistage', other)
+    assert c.stages.init_student.importance == 'magnitude', other
+    assert config_lib.why(c, 'pretrained') == '', other
