@@ -7,7 +7,6 @@ PAIRS: the first training pairs of a fixed shuffle (512: can it memorise; 5749: 
 TARGET: `label` (gold scores) or `teacher` (the teacher's outputs, what Stage-II fits).
 Constant lr, batch 32, length 64, no warmup or clipping. Reads $GLUE_DIR/STS-B.
 """
-import csv
 import os
 import sys
 
@@ -18,6 +17,7 @@ import optax
 from transformers import AutoTokenizer
 
 from bitbert_jax import pipeline
+from bitbert_jax.data import glue
 from bitbert_jax.model import BertModel, init_params
 
 BATCH, SEQ = 32, 64
@@ -25,14 +25,13 @@ BATCH, SEQ = 32, 64
 
 def main(stage_dir, teacher_dir, lr, pairs, steps, dropout, target):
   lr, pairs, steps, dropout = float(lr), int(pairs), int(steps), float(dropout)
-  with open(os.path.join(os.environ['GLUE_DIR'], 'STS-B', 'train.tsv'), encoding='utf-8') as f:
-    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))[1:]
-  rows = [rows[i] for i in np.random.RandomState(0).permutation(len(rows))[:pairs]]
+  train = glue.load_split('stsb', 'train', os.environ['GLUE_DIR'])
+  rows = train.select(np.random.RandomState(0).permutation(len(train))[:pairs])
   tok = AutoTokenizer.from_pretrained(os.path.join(teacher_dir, 'hf'))
-  enc = tok([r[7] for r in rows], [r[8] for r in rows], padding='max_length', truncation=True,
+  enc = tok(list(rows['sentence1']), list(rows['sentence2']), padding='max_length', truncation=True,
             max_length=SEQ, return_tensors='np')
   inputs = [enc[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')]
-  y = np.array([float(r[9]) for r in rows], np.float32)
+  y = np.asarray(rows['label'], np.float32)
   if target == 'teacher':
     teacher, _ = pipeline.load_stage_output(teacher_dir)
     t_model = BertModel(teacher.model_config)

@@ -1,5 +1,5 @@
 """Does a student fit its training pairs, and does it generalize? A regression (STS-B) student
-and its teacher on the first N pairs of train.tsv and dev.tsv, dropout off.
+and its teacher on the first N pairs of the train and validation splits, dropout off.
 
   python bench/student_vs_teacher.py STUDENT_STAGE_DIR TEACHER_STAGE_DIR [N=512]
 
@@ -7,7 +7,6 @@ STAGE_DIR: a completed stage of a workdir (workdir/stages/NN_name), e.g. a stude
 fp32_stage2 and the teacher's 00_finetune. Reads $GLUE_DIR/STS-B. Prints per split the
 student's MSE to the teacher's outputs and both models' Pearson with the gold scores.
 """
-import csv
 import os
 import sys
 
@@ -16,16 +15,15 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from bitbert_jax import pipeline
+from bitbert_jax.data import glue
 from bitbert_jax.model import BertModel
 
 SEQ, BATCH = 128, 64
 
 
 def pairs(split, n):
-  path = os.path.join(os.environ['GLUE_DIR'], 'STS-B', f'{split}.tsv')
-  with open(path, encoding='utf-8') as f:
-    rows = list(csv.reader(f, delimiter='\t', quoting=csv.QUOTE_NONE))[1:n + 1]
-  return [r[7] for r in rows], [r[8] for r in rows], np.array([float(r[9]) for r in rows])
+  rows = glue.load_split('stsb', split, os.environ['GLUE_DIR'])[:n]
+  return rows['sentence1'], rows['sentence2'], np.asarray(rows['label'], np.float64)
 
 
 def outputs(stage_dir):
@@ -42,7 +40,7 @@ def outputs(stage_dir):
 def main(student_dir, teacher_dir, n=512):
   tok = AutoTokenizer.from_pretrained(os.path.join(teacher_dir, 'hf'))
   student, teacher = outputs(student_dir), outputs(teacher_dir)
-  for split in ('train', 'dev'):
+  for split in ('train', 'validation'):
     a, b, gold = pairs(split, int(n))
     enc = tok(a, b, padding='max_length', truncation=True, max_length=SEQ, return_tensors='np')
     s, t = student(enc), teacher(enc)

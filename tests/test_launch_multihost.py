@@ -13,8 +13,8 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 LOCAL = os.path.join(REPO, 'launch', 'local_processes.sh')
 SLURM = os.path.join(REPO, 'launch', 'slurm_gpu.sbatch')
 TPU_POD = os.path.join(REPO, 'launch', 'tpu_pod.sh')
-SCRUBBED = ('XLA_FLAGS', 'DRY_RUN', 'KEEP', 'GLUE_DIR', 'PORT', 'NUM_PROCESSES', 'CPU_DEVICES', 'LOG_DIR',
-            'PYTHON', 'GRACE', 'REQUEUE', 'REPO_DIR', 'COORDINATOR_PORT')
+SCRUBBED = ('XLA_FLAGS', 'DRY_RUN', 'KEEP', 'GLUE_DIR', 'PORT', 'NUM_PROCESSES', 'CPU_DEVICES',
+            'LOG_DIR', 'PYTHON', 'GRACE', 'REQUEUE', 'REPO_DIR', 'COORDINATOR_PORT')
 
 
 def _env(extra=None):

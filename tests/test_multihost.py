@@ -42,7 +42,8 @@ MESH = ('--config.mesh.data=1', '--config.mesh.fsdp=4')
 
 def _env():
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
+  env.update(XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1',
+             HF_DATASETS_OFFLINE='1')
   return env
 
 
@@ -135,7 +136,8 @@ def _processes(tmp_path, per_process_flags, timeout=300):
   """Runs one process per flag list (2 CPU devices each) as one multi-host run; returns
   [(status, stderr, seconds)] in process order. All are killed if one outlives `timeout`."""
   port, n = _free_port(), len(per_process_flags)
-  env = dict(_env(), JAX_PLATFORMS='cpu', XLA_FLAGS=f'{FAST_COMPILE} --xla_force_host_platform_device_count=2')
+  env = dict(_env(), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'{FAST_COMPILE} --xla_force_host_platform_device_count=2')
   procs, start = [], time.monotonic()
   for i, extra in enumerate(per_process_flags):
     err = open(tmp_path / f'process_{i}.err', 'w')
