@@ -24,11 +24,12 @@ def rows(arg, examples=MRPC_TRAIN, **fields):
   return {r.cells['stage']: r for r in plan.plan(c, examples)}
 
 
-def test_a_given_layers_sets_a_higher_lr_than_full_depth_and_says_why():
-  full, reduced = rows('preset=quick')['kd_1bit'], rows('preset=quick,layers=3')['kd_1bit']
-  assert float(reduced.cells['lr']) > float(full.cells['lr'])
-  assert 'layers=3 given' in reduced.why['lr'] and 'layers=0' in full.why['lr']
-  assert ('attn_loss=kl', reduced.why['lr']) in reduced.notes  # the same rule chose both
+def test_each_stage_shows_its_own_lr_else_the_runs():
+  c = load_config('xtc', 'preset=quick,layers=3')
+  r = rows('preset=quick,layers=3')
+  assert [float(r[n].cells['lr']) for n in ('finetune', 'kd_fp32', 'kd_1bit')] == [
+      c.optim.lr, c.stages.kd_fp32.lr, c.stages.kd_1bit.lr]
+  assert float(rows('preset=quick', stages__kd_1bit__lr=2e-4)['kd_1bit'].cells['lr']) == 2e-4
 
 
 def test_epochs_zero_means_the_presets_and_is_marked():
@@ -81,8 +82,8 @@ def test_half_width_ternary_stage_has_one_bit_embeddings_and_says_why():
 
 
 def test_an_overridden_value_loses_its_rule():
-  assert 'lr' in rows('preset=quick,layers=3')['kd_1bit'].why
-  assert 'lr' not in rows('preset=quick,layers=3', stages__kd_1bit__lr=2e-4)['kd_1bit'].why
+  assert 'epochs' in rows('preset=quick,layers=3')['kd_1bit'].why
+  assert 'epochs' not in rows('preset=quick,layers=3', stages__kd_1bit__epochs=4.0)['kd_1bit'].why
 
 
 def test_auto_switches_mark_the_pipeline():
@@ -110,8 +111,8 @@ def test_cli_dry_run_prints_the_pipeline_and_writes_nothing(tmp_path, glue):
                                                  '03_augment', '04_quantize', '05_kd_1bit']
   kd = stage_lines[-1].split()
   assert kd[1:3] == ['task_kd', 'augmented'] and kd[7] == '1-1-8'
-  mark = re.search(r'\*(\d+)$', kd[6]).group(1)  # the lr, marked
-  assert any(l.startswith(f'*{mark} layers=3 given') for l in lines)
+  mark = re.search(r'\*(\d+)$', kd[3]).group(1)  # the epochs, marked
+  assert any(l.startswith(f"*{mark} epochs=0: the preset's 9") for l in lines)
 
 
 def test_cli_dry_run_refuses_a_bad_config_as_a_run_does(tmp_path):
