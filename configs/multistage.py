@@ -69,7 +69,7 @@ def get_config(arg=None):
     config_lib.rule(c, 'stages.quantize_2bit.bits', f'2-1-{act}',
                     'width<1: 1-bit embeddings in the ternary stage keep one plane after '
                     'splitting, so the file has the 1-bit student\'s size')
-  # Quantized KD at 5e-4, as XTC's 1-bit stage (BinaryBERT's 2.5e-5..1.25e-4 barely moves the
+  # Quantized KD at 5e-4, 10x XTC's 5e-5 (BinaryBERT's 2.5e-5..1.25e-4 barely moves the
   # signs); STS-B 6L, quick: 2-bit 98.1%, 1-bit (split) 99.5% of the teacher (docs/RESULTS.md).
   qlr = 5e-4
   for n in KD[2:]:
