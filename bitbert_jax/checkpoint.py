@@ -106,13 +106,28 @@ class StageCheckpoints:
     """Saves `tree` and the JSON `meta` at `step`, unless that step is already saved."""
     if step in self._manager.all_steps():
       return False
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                      meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()  # a checkpoint must be whole before training moves on
+    what = f'checkpoint step {step}'
+    fs.require_space(self.directory, tree_bytes(tree), what)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+      self._manager.wait_until_finished()  # a checkpoint must be whole before training moves on
+    except Exception as e:  # pylint: disable=broad-except
+      if not fs.is_disk_full(e):
+        raise
+      self._remove_partial(step)
+      raise fs.disk_full(self.directory, what) from None
     if jax.process_index() == 0:
       write_manifest(self._step_dir(step))
     self._last_time = time.time()
     return True
+
+  def _remove_partial(self, step):
+    """Deletes what a failed save of `step` left (Orbax's temp dir): the space goes back."""
+    if jax.process_index() == 0 and fs.isdir(self.directory):
+      for name in fs.listdir(self.directory):
+        if name == str(step) or name.startswith(f'{step}.orbax-checkpoint-tmp'):
+          fs.rmtree(fs.join(self.directory, name))
 
   def _step_dir(self, step):
     return fs.join(self.directory, str(step))
@@ -170,6 +185,11 @@ class StageCheckpoints:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def tree_bytes(tree):
+  """Bytes of the arrays in `tree` (global sizes): what a checkpoint of it writes, about."""
+  return sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(tree))
 
 
 def one_line(e):

@@ -8,12 +8,15 @@ or not at all), `published` uploads a finished local directory with its marker f
 the claim of a bucket workdir is a lease object (lease.py).
 """
 import contextlib
+import errno
 import os
 import posixpath
 import shutil
 import tempfile
 
 from etils import epath
+
+from bitbert_jax.errors import BitbertError
 
 try:  # Several hosts share a bucket: a listing one of them cached would hide another's files.
   import fsspec
@@ -153,3 +156,51 @@ def published(out_dir, marker):
     local = os.path.join(tmp, basename(out_dir))
     yield local
     publish_dir(local, out_dir, marker)
+
+
+# --- free space: a save that cannot fit stops before it writes, with one line that says so ---
+_HEADROOM = 64 << 20  # logs, manifests and metadata written beside the arrays
+
+
+def free_bytes(path):
+  """Bytes free on the filesystem that holds (or will hold) local `path`; None for a bucket."""
+  if is_uri(path):
+    return None
+  path = os.path.abspath(path)
+  while not os.path.exists(path):  # the directory to be created lives on its nearest ancestor
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _mib(n):
+  return f'{n / (1 << 20):,.0f} MiB'
+
+
+def disk_full(path, what, needed=None):
+  """The BitbertError for a save to `path` that does not fit (what: e.g. 'checkpoint step 228')."""
+  free = free_bytes(path)
+  need = f'needs about {_mib(needed)}, ' if needed else 'did not fit: '
+  room = f'its filesystem has {_mib(free)} free' if free is not None else 'the bucket is full'
+  return BitbertError(
+      f'disk full: {what} at {path} {need}{room}. Nothing of it was kept; free space (the '
+      f'stages/*/checkpoints of finished runs can go) or use another --workdir, then run the '
+      f'same command again: it resumes from the last complete stage or checkpoint')
+
+
+def require_space(path, nbytes, what):
+  """Raises `disk_full` before anything is written when `nbytes` (+ headroom) do not fit."""
+  free = free_bytes(path)
+  if free is not None and free < nbytes + _HEADROOM:
+    raise disk_full(path, what, nbytes + _HEADROOM)
+
+
+def is_disk_full(e):
+  """True when exception `e` (or one it was raised from) is a write that ran out of space:
+  an OSError ENOSPC, or Orbax/TensorStore's RESOURCE_EXHAUSTED wrapping one."""
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    if 'No space left on device' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False

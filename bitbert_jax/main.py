@@ -26,6 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bitbert_jax import distributed
+from bitbert_jax import fs
 from bitbert_jax.errors import BitbertError
 
 EX_USAGE, EX_TEMPFAIL = distributed.EX_USAGE, 75
@@ -129,6 +130,10 @@ def main(argv):
     sys.exit(EX_TEMPFAIL)
   except BitbertError as e:
     _fail(e)
+  except OSError as e:  # a write the pre-save checks could not foresee (logs, exports)
+    if not fs.is_disk_full(e):
+      raise
+    _fail(fs.disk_full(e.filename or _WORKDIR.value, 'a write'))
   print(json.dumps(results.get('final'), indent=2, default=float))
 
 

@@ -130,9 +130,15 @@ def load_task_data(config, tokenizer_dir):
 
 
 def _save_params(directory, state):
-  with ocp.StandardCheckpointer() as c:  # collective: each process writes its own shards
-    c.save(fs.join(directory, 'params'), {'params': state.params,
-                                          'model_state': state.model_state})
+  tree = {'params': state.params, 'model_state': state.model_state}
+  fs.require_space(directory, ckpt_lib.tree_bytes(tree), 'the stage output')
+  try:
+    with ocp.StandardCheckpointer() as c:  # collective: each process writes its own shards
+      c.save(fs.join(directory, 'params'), tree)
+  except Exception as e:  # pylint: disable=broad-except
+    if not fs.is_disk_full(e):
+      raise
+    raise fs.disk_full(directory, 'the stage output') from None  # the caller removes the dir
 
 
 def _stage_json(state, info):
