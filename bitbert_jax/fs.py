@@ -176,15 +176,17 @@ def _mib(n):
   return f'{n / (1 << 20):,.0f} MiB'
 
 
-def disk_full(path, what, needed=None):
-  """The BitbertError for a save to `path` that does not fit (what: e.g. 'checkpoint step 228')."""
+def disk_full(path, what, needed=None, removed=True):
+  """The BitbertError for a save to `path` that does not fit (what: e.g. 'checkpoint step 228');
+  `removed`: nothing of the save is left on disk."""
   free = free_bytes(path)
   need = f'needs about {_mib(needed)}, ' if needed else 'did not fit: '
   room = f'its filesystem has {_mib(free)} free' if free is not None else 'the bucket is full'
+  kept = 'Nothing of it was kept; free' if removed else 'Free'
   return BitbertError(
-      f'disk full: {what} at {path} {need}{room}. Nothing of it was kept; free space (the '
-      f'stages/*/checkpoints of finished runs can go) or use another --workdir, then run the '
-      f'same command again: it resumes from the last complete stage or checkpoint')
+      f'disk full: {what} at {path} {need}{room}. {kept} space (the stages/*/checkpoints of '
+      f'finished runs can go) or use another --workdir, then run the same command again: it '
+      f'resumes from the last complete stage or checkpoint')
 
 
 def require_space(path, nbytes, what):

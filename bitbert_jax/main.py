@@ -133,7 +133,8 @@ def main(argv):
   except OSError as e:  # a write the pre-save checks could not foresee (logs, exports)
     if not fs.is_disk_full(e):
       raise
-    _fail(fs.disk_full(e.filename or _WORKDIR.value, 'a write'))
+    where = e.filename2 or e.filename or _WORKDIR.value  # a copy's filename is its source
+    _fail(fs.disk_full(where, 'a write', removed=False))
   print(json.dumps(results.get('final'), indent=2, default=float))
 
 

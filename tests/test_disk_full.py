@@ -84,3 +84,29 @@ def test_the_cli_on_a_full_disk_exits_2_with_one_line(small_disk, tmp_path, tiny
   assert last.startswith(f'error: disk full: ') and workdir in last, out.stderr[-3000:]
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
   assert not [r for r, _, files in os.walk(workdir) for f in files if f == 'stage.json']
+
+
+def test_the_cli_on_a_disk_that_fills_up_exits_2_with_one_line(small_disk, tmp_path,
+                                                               tiny_pretrained):
+  filler = os.path.join(small_disk, 'filler')
+  with open(filler, 'wb') as f:  # every block taken, then 256 KiB given back: room for the
+    try:                         # workdir's lock and config, not for the tokenizer's files
+      while True:
+        f.write(b'\0' * (1 << 16))
+        f.flush()
+    except OSError:
+      pass
+  os.truncate(filler, os.path.getsize(filler) - (256 << 10))
+  glue = sample_data.write_sample_glue(str(tmp_path / 'glue'), tasks=('mrpc',), train_size=40,
+                                       dev_size=16)
+  workdir = os.path.join(small_disk, 'run')
+  out = subprocess.run(
+      [sys.executable, '-m', 'bitbert_jax.main',
+       f'--config=configs/xtc.py:preset=smoke,pretrained={tiny_pretrained},layers=1',
+       f'--config.task.glue_dir={glue}', f'--workdir={workdir}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: disk full: a write at {workdir}/'), last  # the file written
+  assert 'its filesystem has 0 MiB free' in last, last
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
