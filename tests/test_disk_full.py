@@ -70,19 +70,24 @@ def test_a_stage_output_that_cannot_fit_leaves_no_output(small_disk, monkeypatch
   assert os.listdir(stage_dir) == [] and pipeline.load_stage_output(stage_dir) is None
 
 
-def test_the_cli_on_a_full_disk_exits_2_with_one_line(small_disk, tmp_path, tiny_pretrained):
+def train_small(workdir, tmp_path, tiny_pretrained):
+  """The CLI on a smoke-sized run in `workdir`, which must fail with exit 2: its last line."""
   glue = sample_data.write_sample_glue(str(tmp_path / 'glue'), tasks=('mrpc',), train_size=40,
                                        dev_size=16)
-  workdir = os.path.join(small_disk, 'run')
   out = subprocess.run(
       [sys.executable, '-m', 'bitbert_jax.main',
        f'--config=configs/xtc.py:preset=smoke,pretrained={tiny_pretrained},layers=1',
        f'--config.task.glue_dir={glue}', f'--workdir={workdir}'],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert out.returncode == 2, out.stderr[-3000:]
-  last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'error: disk full: ') and workdir in last, out.stderr[-3000:]
   assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  return out.stderr.strip().splitlines()[-1]
+
+
+def test_the_cli_on_a_full_disk_exits_2_with_one_line(small_disk, tmp_path, tiny_pretrained):
+  workdir = os.path.join(small_disk, 'run')
+  last = train_small(workdir, tmp_path, tiny_pretrained)
+  assert last.startswith(f'error: disk full: checkpoint step 5 at {workdir}/'), last
   assert not [r for r, _, files in os.walk(workdir) for f in files if f == 'stage.json']
 
 
@@ -97,16 +102,7 @@ def test_the_cli_on_a_disk_that_fills_up_exits_2_with_one_line(small_disk, tmp_p
     except OSError:
       pass
   os.truncate(filler, os.path.getsize(filler) - (256 << 10))
-  glue = sample_data.write_sample_glue(str(tmp_path / 'glue'), tasks=('mrpc',), train_size=40,
-                                       dev_size=16)
   workdir = os.path.join(small_disk, 'run')
-  out = subprocess.run(
-      [sys.executable, '-m', 'bitbert_jax.main',
-       f'--config=configs/xtc.py:preset=smoke,pretrained={tiny_pretrained},layers=1',
-       f'--config.task.glue_dir={glue}', f'--workdir={workdir}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-  assert out.returncode == 2, out.stderr[-3000:]
-  last = out.stderr.strip().splitlines()[-1]
+  last = train_small(workdir, tmp_path, tiny_pretrained)
   assert last.startswith(f'error: disk full: a write at {workdir}/'), last  # the file written
   assert 'its filesystem has 0 MiB free' in last, last
-  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
